@@ -1,0 +1,29 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: demo test bench clean-venv
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first: this exact version is a local CPU wheel; anything looser downloads CUDA builds.
+	$(PY) -m pip install -q torch==2.13.0
+	# deepspeed without build isolation, or its build environment pulls a second torch.
+	$(PY) -m pip install -q --no-build-isolation deepspeed
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/t5adapt adapt configs/quickstart.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) bench/adapt_memory.py
+	$(PY) bench/adapt_quality.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,170 @@
+"""Opening a decoder-only source checkpoint: a local Hugging Face directory, an s3:// prefix,
+a .gguf file, or a builtin name. Returns its config and a lazy tensor reader with canonical names.
+
+Canonical tensor names drop the wrapper prefixes so both families map the same way:
+`embed_tokens.weight`, `norm.weight`, `layers.{i}.self_attn.q_proj.weight`, ...
+"""
+
+import glob
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional
+
+from jobs.adapt import builtin
+from jobs.adapt.tensors import SafetensorsReader, StateDictReader
+from orchestrator import storage
+from orchestrator.errors import UserError
+
+# model_type -> family. Gemma 2 becomes T5Gemma, Gemma 3 becomes T5Gemma 2.
+FAMILIES = {"gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3"}
+# Wrapper prefixes seen in Gemma checkpoints (CausalLM, multimodal ConditionalGeneration, old layouts).
+_PREFIX = re.compile(r"^(model\.language_model\.|language_model\.model\.|model\.)")
+
+
+@dataclass
+class Source:
+    spec: str  # as the user wrote it
+    family: str  # "gemma2" | "gemma3"
+    text_config: Any  # Gemma2Config | Gemma3TextConfig
+    tensors: Any  # SafetensorsReader | StateDictReader, keyed by canonical names
+    load_tokenizer: Callable[[], Any]
+    description: str  # one line for the model card
+    generation_config: Optional[Any] = None
+
+
+class _Renamed:
+    """A reader whose names are the canonical ones (prefixes stripped, lm_head dropped if tied)."""
+
+    def __init__(self, reader, spec: str):
+        self._reader = reader
+        self._raw: Dict[str, str] = {}
+        for raw in reader.names():
+            if raw.startswith(("vision_tower.", "model.vision_tower.", "multi_modal_projector.", "model.multi_modal_projector.")):
+                continue  # a multimodal Gemma 3's vision side: the encoder-decoder export is text-only
+            name = _PREFIX.sub("", raw)
+            if name in self._raw:
+                raise UserError(f"source {spec} has two tensors that both mean {name}: {self._raw[name]} and {raw}")
+            self._raw[name] = raw
+
+    def names(self):
+        return list(self._raw)
+
+    def shape(self, name):
+        return self._reader.shape(self._raw[name])
+
+    def group(self, name):
+        return self._reader.group(self._raw[name])
+
+    def get(self, name):
+        return self._reader.get(self._raw[name])
+
+    def raw_name(self, name):
+        """The tensor's name as stored in the source checkpoint."""
+        return self._raw[name]
+
+
+def open_source(spec: str) -> Source:
+    """Resolve a source spec to a Source. Raises UserError naming the spec when it cannot be used."""
+    if spec.startswith("builtin:"):
+        path = builtin.materialise(spec)
+    elif storage.is_s3(spec):
+        path = storage.download_prefix(spec)
+    else:
+        path = os.path.expanduser(spec)
+        if not os.path.exists(path):
+            raise UserError(f"source {spec} does not exist: give a Hugging Face directory, a .gguf file, "
+                            f"an s3:// prefix or one of {', '.join(builtin.NAMES)}")
+    gguf = _find_gguf(path)
+    if gguf:
+        return _open_gguf(spec, gguf)
+    return _open_hf_dir(spec, path)
+
+
+def _find_gguf(path: str) -> Optional[str]:
+    if os.path.isfile(path):
+        if path.endswith(".gguf"):
+            return path
+        raise UserError(f"source {path} is a file but not a .gguf: give a Hugging Face directory or a .gguf file")
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return None
+    found = sorted(glob.glob(os.path.join(path, "*.gguf")))
+    if len(found) == 1:
+        return found[0]
+    if len(found) > 1:
+        raise UserError(f"source {path} holds several .gguf files ({', '.join(map(os.path.basename, found))}): name one")
+    raise UserError(f"source {path} has no config.json and no .gguf file: it is not a model checkpoint")
+
+
+def _family(spec: str, model_type: str) -> str:
+    if model_type not in FAMILIES:
+        raise UserError(
+            f"source {spec} is a {model_type!r} model; t5adapt adapts Gemma 2 (gemma2 -> T5Gemma) and "
+            "Gemma 3 (gemma3_text / gemma3 -> T5Gemma 2) decoder-only models"
+        )
+    return FAMILIES[model_type]
+
+
+def _open_hf_dir(spec: str, path: str) -> Source:
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    with open(os.path.join(path, "config.json")) as f:
+        model_type = json.load(f).get("model_type", "<none>")
+    family = _family(spec, model_type)
+    config = AutoConfig.from_pretrained(path)
+    text_config = config.get_text_config() if model_type == "gemma3" else config
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted({os.path.join(path, v) for v in json.load(f)["weight_map"].values()})
+    else:
+        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    missing = [f for f in files if not os.path.isfile(f)]
+    if not files or missing:
+        raise UserError(f"source {spec} has no safetensors weights{' (missing: ' + ', '.join(missing) + ')' if missing else ''}: "
+                        "t5adapt reads safetensors only (save the model with safe_serialization=True)")
+    try:
+        generation_config = GenerationConfig.from_pretrained(path)
+    except OSError:
+        generation_config = None
+    return Source(
+        spec=spec, family=family, text_config=text_config,
+        tensors=_Renamed(SafetensorsReader(files), spec),
+        load_tokenizer=lambda: _tokenizer_or_error(spec, lambda: AutoTokenizer.from_pretrained(path)),
+        description=f"{model_type} checkpoint `{spec}` ({len(files)} safetensors file(s))",
+        generation_config=generation_config,
+    )
+
+
+def _open_gguf(spec: str, gguf_path: str) -> Source:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = os.path.split(os.path.abspath(gguf_path))
+    print(f"dequantising {gguf_path} (about a minute for Gemma 3 270M on 2 cores)", flush=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    except (ValueError, KeyError) as e:
+        raise UserError(f"cannot load GGUF source {spec}: {e}") from None
+    family = _family(spec, model.config.model_type)
+    tensors = dict(model.state_dict())
+    config, generation_config = model.config, model.generation_config
+    if getattr(config, "tie_word_embeddings", True):
+        tensors.pop("lm_head.weight", None)
+    del model
+    config.quantization_config = None
+    return Source(
+        spec=spec, family=family, text_config=config,
+        tensors=_Renamed(StateDictReader(tensors), spec),
+        load_tokenizer=lambda: _tokenizer_or_error(spec, lambda: AutoTokenizer.from_pretrained(folder, gguf_file=name)),
+        description=f"GGUF file `{spec}` ({name}), dequantised to float32",
+        generation_config=generation_config,
+    )
+
+
+def _tokenizer_or_error(spec: str, load):
+    try:
+        return load()
+    except (OSError, ValueError) as e:
+        raise UserError(f"source {spec} has no usable tokenizer ({e}); save one next to the weights") from None

@@ -1,0 +1,204 @@
+"""The adapt stage: decoder-only source(s) -> a Hugging Face encoder-decoder directory.
+
+Output (written to `<out>.partial`, renamed to `<out>` once complete, marker last):
+  config.json, generation_config.json, model*.safetensors (+ index), tokenizer files,
+  README.md (model card), adapt_manifest.json (one entry per target tensor: rule, source tensor,
+  shape, sha256), t5adapt_adapt.json (what later stages need: warm-up, layers, config hash), COMMITTED.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections import Counter
+from dataclasses import asdict
+from typing import Callable, Dict, List, Tuple
+
+import torch
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from jobs.adapt.config import AdaptConfig
+from jobs.adapt.families import DESIGNS, Design
+from jobs.adapt.rules import name_seed
+from jobs.adapt.sources import Source, open_source
+from jobs.adapt.tensors import StreamingWriter, tensor_sha256
+from orchestrator.errors import UserError
+
+log = logging.getLogger("t5adapt.adapt")
+COMMIT_MARKER = "COMMITTED"
+MANIFEST = "adapt_manifest.json"
+STAGE_INFO = "t5adapt_adapt.json"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def config_hash(cfg: AdaptConfig) -> str:
+    return hashlib.sha256(OmegaConf.to_yaml(OmegaConf.structured(cfg)).encode()).hexdigest()[:16]
+
+
+def open_sources(cfg: AdaptConfig) -> Dict[str, Source]:
+    """{"encoder": Source, "decoder": Source}; one object for both when there is one source."""
+    encoder = open_source(cfg.source)
+    if cfg.decoder_source in (None, cfg.source):
+        return {"encoder": encoder, "decoder": encoder}
+    decoder = open_source(cfg.decoder_source)
+    if decoder.family != encoder.family:
+        raise UserError(f"adapt.source is {encoder.family} but adapt.decoder_source is {decoder.family}: "
+                        "a pair must come from one family")
+    return {"encoder": encoder, "decoder": decoder}
+
+
+def design(cfg: AdaptConfig, sources: Dict[str, Source]) -> Design:
+    return DESIGNS[sources["encoder"].family](cfg, sources["encoder"], sources["decoder"])
+
+
+def _reader(sources: Dict[str, Source]) -> Callable[[str, str], torch.Tensor]:
+    return lambda role, name: sources[role].tensors.get(name)
+
+
+def materialise(cfg: AdaptConfig, sources: Dict[str, Source], plan, sink: Callable[[str, torch.Tensor], None],
+                progress: bool = True) -> List[dict]:
+    """Build every target tensor in plan order, hand it to `sink`, return manifest entries.
+
+    One tensor is alive at a time (plus whatever `sink` keeps).
+    """
+    dtype, read = _DTYPES[cfg.dtype], _reader(sources)
+    _check_source_shapes(sources, plan)
+    entries = []
+    for target in tqdm(plan, desc="adapt: building tensors", unit="tensor", disable=not progress):
+        rule = target.rule
+        tensor = rule.build(read, target.shape, name_seed(cfg.seed, target.name)).to(dtype)
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise UserError(f"{target.name}: rule {rule.describe()} gave shape {tuple(tensor.shape)}, "
+                            f"expected {target.shape}; the source config and weights disagree")
+        entry = {"target": target.name, "shape": list(target.shape), "dtype": cfg.dtype, "rule": rule.describe(),
+                 "sha256": tensor_sha256(tensor)}
+        if rule.role:
+            source = sources[rule.role]
+            entry.update(source=source.spec, source_tensor=source.tensors.raw_name(rule.source_name),
+                         source_shape=list(source.tensors.shape(rule.source_name)))
+        log.debug("%s <- %s %s", target.name, entry.get("source_tensor", "-"), entry["rule"])
+        sink(target.name, tensor)
+        entries.append(entry)
+        del tensor
+    return entries
+
+
+def _check_source_shapes(sources: Dict[str, Source], plan) -> None:
+    """Fail before writing anything when a source tensor is missing or has the wrong shape."""
+    for target in plan:
+        rule = target.rule
+        if not rule.role:
+            continue
+        source = sources[rule.role]
+        if rule.source_name not in source.tensors.names():
+            raise UserError(f"source {source.spec} has no tensor {rule.source_name} (needed for {target.name}): "
+                            "the checkpoint is incomplete or its config does not match its weights")
+        if rule.same_shape and tuple(source.tensors.shape(rule.source_name)) != tuple(target.shape):
+            raise UserError(f"source {source.spec} tensor {rule.source_name} has shape "
+                            f"{tuple(source.tensors.shape(rule.source_name))} but {target.name} needs {target.shape}: "
+                            "the source config does not match its weights")
+
+
+def build_in_memory(cfg: AdaptConfig, progress: bool = False) -> Tuple[torch.nn.Module, Design, Dict[str, Source]]:
+    """The adapted model as a live transformers module (tests, benchmarks); nothing is written."""
+    sources = open_sources(cfg)
+    target = design(cfg, sources)
+    state: Dict[str, torch.Tensor] = {}
+    materialise(cfg, sources, target.plan, state.__setitem__, progress=progress)
+    model = target.model_class(target.config).to(_DTYPES[cfg.dtype])
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(model._tied_weights_keys or {}) | {k for sub in model.modules() for k in (getattr(sub, "_tied_weights_keys", None) or {})}
+    untied = [k for k in missing if not any(k.endswith(t) for t in tied)]
+    if untied or unexpected:
+        raise RuntimeError(f"adapted state does not fit the model: missing={untied[:5]} unexpected={unexpected[:5]}")
+    model.tie_weights()
+    return model.eval(), target, sources
+
+
+def is_committed(out: str) -> bool:
+    return os.path.isfile(os.path.join(out, COMMIT_MARKER))
+
+
+def run_adapt(cfg: AdaptConfig, out: str, force: bool = False) -> str:
+    """Write the adapted checkpoint to `out` (a local directory). Returns `out`.
+
+    A committed output made from the same adapt config is reused; any other existing `out` is
+    replaced only with force=True, and only after the new one is complete.
+    """
+    digest = config_hash(cfg)
+    if os.path.exists(out) and not force:
+        info_path = os.path.join(out, STAGE_INFO)
+        if is_committed(out) and os.path.isfile(info_path) and json.load(open(info_path)).get("config_hash") == digest:
+            log.info("%s already holds this adaptation (config hash %s); reusing it", out, digest)
+            return out
+        raise UserError(f"{out} already exists and was not made from this adapt config: "
+                        "choose another --out, or pass --force to replace it")
+    sources = open_sources(cfg)
+    target = design(cfg, sources)
+    staging = out.rstrip("/") + ".partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    writer = StreamingWriter(staging, [(t.name, t.shape, _DTYPES[cfg.dtype]) for t in target.plan],
+                             cfg.max_shard_mb * 2**20)
+    entries = materialise(cfg, sources, target.plan, writer.write)
+    files = writer.close()
+    _write_metadata(cfg, staging, sources, target, entries, files, digest)
+    open(os.path.join(staging, COMMIT_MARKER), "w").close()
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    os.replace(staging, out)
+    counts = Counter(e["rule"].split("(")[0].split(":")[0] for e in entries)
+    log.info("adapted %d tensors (%s) -> %s", len(entries), ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())), out)
+    return out
+
+
+def _write_metadata(cfg, staging, sources, target: Design, entries, files, digest) -> None:
+    from transformers import GenerationConfig
+
+    target.config.architectures = [target.model_class.__name__]
+    target.config.dtype = cfg.dtype
+    target.config.save_pretrained(staging)
+    text = sources["decoder"].text_config
+    generation = GenerationConfig(decoder_start_token_id=text.bos_token_id, bos_token_id=text.bos_token_id,
+                                  eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id)
+    source_generation = sources["decoder"].generation_config
+    if source_generation is not None and source_generation.eos_token_id is not None:
+        generation.eos_token_id = source_generation.eos_token_id
+    generation.save_pretrained(staging)
+    print("adapt: writing tokenizer", flush=True)
+    sources["encoder"].load_tokenizer().save_pretrained(staging)
+    with open(os.path.join(staging, MANIFEST), "w") as f:
+        json.dump({"files": files, "tensors": entries}, f, indent=1)
+    info = {
+        "config_hash": digest,
+        "adapt": asdict(cfg),
+        "family": sources["encoder"].family,
+        "model_class": target.model_class.__name__,
+        "cross_attn_warmup": {"required": target.cross_attn_warmup, "steps": cfg.cross_attn_warmup_steps,
+                              "trainable_patterns": ["cross_attn.", "cross_attn_layernorm."]},
+    }
+    with open(os.path.join(staging, STAGE_INFO), "w") as f:
+        json.dump(info, f, indent=2)
+    with open(os.path.join(staging, "README.md"), "w") as f:
+        f.write(_model_card(cfg, sources, target, entries))
+
+
+def _model_card(cfg: AdaptConfig, sources, target: Design, entries) -> str:
+    counts = Counter(e["rule"] for e in entries)
+    made_from = sorted({s.description for s in sources.values()})
+    lines = [
+        "---", "library_name: transformers", "tags: [t5adapt, encoder-decoder, t5gemma]", "---", "",
+        f"# {target.model_class.__name__.replace('ForConditionalGeneration', '')} adapted by t5adapt", "",
+        "An encoder-decoder model initialised from a decoder-only model, as in T5Gemma / T5Gemma 2. "
+        "**Not trained yet**: it is the starting point for UL2 or PrefixLM adaptation training.", "",
+        "## Made from", *[f"- {d}" for d in made_from], "",
+        "## How it was initialised", *[f"- {n}" for n in target.notes],
+        f"- Tensors by rule: {', '.join(f'{rule}: {n}' for rule, n in counts.most_common())}. "
+        f"Every tensor's source and checksum is in `{MANIFEST}`.", "",
+        "## Load it", "```python", "from transformers import AutoModelForSeq2SeqLM, AutoTokenizer",
+        "model = AutoModelForSeq2SeqLM.from_pretrained(PATH)", "tokenizer = AutoTokenizer.from_pretrained(PATH)", "```", "",
+        f"Adapt config: `{json.dumps(asdict(cfg))}`", "",
+    ]
+    return "\n".join(lines)

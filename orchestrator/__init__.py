@@ -1,0 +1,1 @@
+"""t5adapt orchestrator: configuration, command line and (later) run control."""

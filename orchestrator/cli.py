@@ -1,0 +1,88 @@
+"""The `t5adapt` command line. Exit codes: 0 success, 2 user error (one clear line), 1 anything else."""
+
+import argparse
+import logging
+import os
+import sys
+
+from orchestrator.errors import UserError
+
+_EPILOG = """examples:
+  t5adapt adapt configs/quickstart.yaml                  # real Gemma 3 270M -> T5Gemma 2 270M-270M
+  t5adapt adapt configs/tiny.yaml adapt.encoder_layers=every:2 --out /tmp/tiny-adapted
+  t5adapt config show configs/quickstart.yaml adapt.dtype=bfloat16
+
+Any config key can be overridden as key=value (dotted keys, e.g. adapt.decoder_layers=first:6).
+The run root is --root, else $T5ADAPT_ROOT, else ./runs.
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="t5adapt", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EPILOG,
+        description="Turn decoder-only Gemma models into T5Gemma-style encoder-decoder models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every tensor mapping and debug detail")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    adapt = commands.add_parser(
+        "adapt", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="build an encoder-decoder checkpoint from decoder-only checkpoint(s)",
+        description="Build an encoder-decoder Hugging Face directory from decoder-only checkpoint(s):\n"
+                    "Gemma 3 -> T5Gemma 2 (shared embedding, merged attention), Gemma 2 -> T5Gemma\n"
+                    "(balanced, or unbalanced with adapt.decoder_source). Writes safetensors, config,\n"
+                    "tokenizer, a model card and adapt_manifest.json (every tensor's source and checksum).\n"
+                    "Sources: a local directory, an s3:// prefix, a .gguf file, or builtin:gemma3-270m.",
+        epilog="the output loads with transformers.AutoModelForSeq2SeqLM.from_pretrained(OUT).\n"
+               "Re-running with the same config reuses a finished output.")
+    adapt.add_argument("config", metavar="CONFIG", help="YAML job config, e.g. configs/quickstart.yaml")
+    adapt.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    adapt.add_argument("--out", help="output directory or s3:// prefix (default: ROOT/NAME/adapted)")
+    adapt.add_argument("--root", help="run root (default: $T5ADAPT_ROOT or ./runs)")
+    adapt.add_argument("--force", action="store_true", help="replace an existing output made from another config")
+
+    config = commands.add_parser("config", help="inspect configs",
+                                 description="Inspect job configs without running anything.")
+    config_commands = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    show = config_commands.add_parser("show", help="print the resolved config (defaults + file + overrides)",
+                                      description="Print the fully resolved config, after validation.")
+    show.add_argument("config", metavar="CONFIG")
+    show.add_argument("overrides", nargs="*", metavar="key=value")
+    return parser
+
+
+def _adapt(args) -> None:
+    from jobs.adapt.stage import run_adapt
+    from orchestrator import storage
+    from orchestrator.config import default_root, load_config
+
+    job = load_config(args.config, args.overrides)
+    out = args.out or os.path.join(args.root or default_root(), job.name, "adapted")
+    if storage.is_s3(out):
+        local = os.path.join(storage.cache_dir(), "exports", job.name)
+        run_adapt(job.adapt, local, force=True)
+        storage.upload_dir(local, out)
+    else:
+        run_adapt(job.adapt, out, force=args.force)
+    print(f"adapted checkpoint: {out}")
+
+
+def _config_show(args) -> None:
+    from orchestrator.config import load_config, to_yaml
+
+    print(to_yaml(load_config(args.config, args.overrides)), end="")
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    handler = {"adapt": _adapt, "config": _config_show}[args.command]
+    try:
+        handler(args)
+    except UserError as e:
+        print(f"t5adapt: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""The typed, validated job configuration: dataclass schema + YAML values + key=value overrides.
+
+Only the orchestrator sees the whole JobConfig; each stage receives its own slice.
+Everything wrong with a config (unknown key, wrong type, missing value, failed cross-check) becomes
+a UserError naming the dotted key, before any work starts. A loaded config is never mutated.
+"""
+
+import dataclasses
+import difflib
+import os
+import re
+from dataclasses import dataclass, field
+from typing import List, Sequence
+
+import yaml
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
+
+from jobs.adapt.config import AdaptConfig
+from orchestrator.errors import UserError
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass
+class JobConfig:
+    # Names the run directory under the root; letters, digits, '.', '_' and '-'.
+    name: str = MISSING
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
+
+    def __post_init__(self):
+        if not _NAME.match(self.name):
+            raise ValueError(f"name={self.name!r} must be letters, digits, '.', '_' or '-' (it names a directory)")
+
+
+def default_root() -> str:
+    """The run root: $T5ADAPT_ROOT or ./runs."""
+    return os.environ.get("T5ADAPT_ROOT", "runs")
+
+
+def load_config(path: str, overrides: Sequence[str] = ()) -> JobConfig:
+    """Read a YAML config, apply `key=value` overrides, validate, and return a frozen JobConfig."""
+    if not os.path.isfile(path):
+        raise UserError(f"config file not found: {path} (try configs/quickstart.yaml or configs/tiny.yaml)")
+    try:
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(values, dict):
+        raise UserError(f"{path} must hold a mapping of config keys, not a {type(values).__name__}")
+    return _build(values, list(overrides), origin=path)
+
+
+def _build(values: dict, overrides: List[str], origin: str) -> JobConfig:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise UserError(f"override {item!r} must look like key=value, e.g. adapt.encoder_layers=every:3")
+    schema = OmegaConf.structured(JobConfig)
+    try:
+        merged = OmegaConf.merge(schema, OmegaConf.create(values), OmegaConf.from_dotlist(overrides))
+        job = OmegaConf.to_object(merged)
+    except MissingMandatoryValue as e:
+        raise UserError(f"{e.full_key} is required but {origin} does not set it (add it, or pass {e.full_key}=...)") from None
+    except ConfigKeyError as e:
+        raise UserError(_unknown_key_message(e.full_key or str(e.key), origin)) from None
+    except OmegaConfBaseException as e:
+        # Type errors: OmegaConf's first line already says what value did not fit which type.
+        reason = str(e).splitlines()[0]
+        raise UserError(f"{e.full_key}: {reason}") from None
+    except ValueError as e:
+        # Cross-field checks in __post_init__ name the key, the value and the fix themselves.
+        raise UserError(str(e)) from None
+    return job
+
+
+def _unknown_key_message(full_key: str, origin: str) -> str:
+    parts = full_key.split(".")
+    known = _fields_at(JobConfig, parts[:-1])
+    hint = difflib.get_close_matches(parts[-1], known, n=1)
+    prefix = ".".join(parts[:-1])
+    suggestion = f"; did you mean {'.'.join(filter(None, [prefix, hint[0]]))}?" if hint else ""
+    return f"unknown config key {full_key} (from {origin} or an override){suggestion} Known keys here: {', '.join(known)}"
+
+
+def _fields_at(cls, path: List[str]) -> List[str]:
+    for name in path:
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        if name not in types or not dataclasses.is_dataclass(types[name]):
+            return []
+        cls = types[name]
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def to_yaml(job: JobConfig) -> str:
+    """The resolved config as YAML (what `t5adapt config show` prints and runs record)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(job))

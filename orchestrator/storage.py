@@ -1,0 +1,87 @@
+"""One storage URI scheme everywhere: a local path or s3://bucket/prefix.
+
+boto3 for our own objects. The endpoint comes from boto3's usual settings (AWS_ENDPOINT_URL,
+profiles, instance roles), so a loopback S3 server in tests and AWS itself take the same code path.
+"""
+
+import hashlib
+import os
+from typing import List, Tuple
+
+from tqdm import tqdm
+
+from orchestrator.errors import UserError
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def split_s3(uri: str) -> Tuple[str, str]:
+    """s3://bucket/some/prefix -> ("bucket", "some/prefix")."""
+    bucket, _, prefix = uri[len("s3://"):].partition("/")
+    if not bucket:
+        raise UserError(f"{uri} has no bucket name: write s3://BUCKET/PREFIX")
+    return bucket, prefix.strip("/")
+
+
+def _client():
+    import boto3
+
+    return boto3.client("s3")
+
+
+def _list_objects(uri: str) -> List[Tuple[str, int]]:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, prefix = split_s3(uri)
+    keys = []
+    try:
+        pages = _client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/" if prefix else "")
+        for page in pages:
+            keys += [(obj["Key"], obj["Size"]) for obj in page.get("Contents", [])]
+    except (BotoCoreError, ClientError) as e:
+        raise UserError(f"cannot list {uri}: {e} (check the bucket name, credentials and AWS_ENDPOINT_URL)") from None
+    if not keys:
+        raise UserError(f"nothing found under {uri}: check the prefix (it is a folder, not a file name)")
+    return keys
+
+
+def cache_dir() -> str:
+    """Where downloaded and generated sources live: $T5ADAPT_CACHE or ~/.cache/t5adapt."""
+    return os.environ.get("T5ADAPT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "t5adapt"))
+
+
+def download_prefix(uri: str) -> str:
+    """Copy every object under an s3:// prefix into the local cache, one file at a time.
+
+    Returns the local directory. Files already present with the same size are not fetched again.
+    """
+    bucket, prefix = split_s3(uri)
+    objects = _list_objects(uri)
+    digest = hashlib.sha256(uri.encode()).hexdigest()[:12]
+    local = os.path.join(cache_dir(), "s3", bucket, (prefix.replace("/", "_") or "root") + "-" + digest)
+    client = _client()
+    total = sum(size for _, size in objects)
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {uri}") as bar:
+        for key, size in objects:
+            rel = key[len(prefix):].lstrip("/") if prefix else key
+            path = os.path.join(local, rel)
+            if os.path.isfile(path) and os.path.getsize(path) == size:
+                bar.update(size)
+                continue
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            # Download to a side name and rename, so an interrupted copy is never taken as whole.
+            client.download_file(bucket, key, path + ".part", Callback=bar.update)
+            os.replace(path + ".part", path)
+    return local
+
+
+def upload_dir(local: str, uri: str) -> None:
+    """Copy a local directory tree under an s3:// prefix (object keys mirror relative paths)."""
+    bucket, prefix = split_s3(uri)
+    client = _client()
+    files = [os.path.join(d, f) for d, _, names in os.walk(local) for f in names]
+    for path in tqdm(files, desc=f"upload {uri}", unit="file"):
+        key = "/".join(filter(None, [prefix, os.path.relpath(path, local).replace(os.sep, "/")]))
+        client.upload_file(path, bucket, key)
