@@ -25,9 +25,14 @@ def adapt_cfg(*overrides):
     return load_config(TINY, list(overrides)).adapt
 
 
-def copy_source(name, tmp_path):
+def copy_source(name, tmp_path, **config_changes):
+    """A private copy of a builtin source, with `config_changes` written into its config.json."""
     path = str(tmp_path / name.split(":")[1])
     shutil.copytree(builtin_path(name), path)
+    config_path = os.path.join(path, "config.json")
+    config = json.load(open(config_path))
+    config.update(config_changes)
+    json.dump(config, open(config_path, "w"))
     return path
 
 
@@ -40,10 +45,7 @@ def test_other_architecture_is_refused_by_name(tmp_path):
 
 
 def test_mismatched_vocab_between_pair_is_refused(tmp_path):
-    path = copy_source("builtin:tiny-gemma2-narrow", tmp_path)
-    config = json.load(open(os.path.join(path, "config.json")))
-    config["vocab_size"] = 600
-    json.dump(config, open(os.path.join(path, "config.json"), "w"))
+    path = copy_source("builtin:tiny-gemma2-narrow", tmp_path, vocab_size=600)
     with pytest.raises(UserError, match=r"adapt\.source \(builtin:tiny-gemma2, vocab 512\) and adapt\.decoder_source "
                                         r"\(.*, vocab 600\) must share one tokenizer"):
         build_in_memory(adapt_cfg("adapt.source=builtin:tiny-gemma2", f"adapt.decoder_source={path}"))
@@ -64,10 +66,7 @@ def test_missing_tensor_is_named(tmp_path):
 
 
 def test_config_that_disagrees_with_weights_is_named(tmp_path):
-    path = copy_source("builtin:tiny-gemma3", tmp_path)
-    config = json.load(open(os.path.join(path, "config.json")))
-    config["intermediate_size"] = 256
-    json.dump(config, open(os.path.join(path, "config.json"), "w"))
+    path = copy_source("builtin:tiny-gemma3", tmp_path, intermediate_size=256)
     with pytest.raises(UserError, match=r"tensor layers\.0\.mlp\.gate_proj\.weight has shape \(128, 64\) but "
                                         r".* needs \(256, 64\)"):
         build_in_memory(adapt_cfg(f"adapt.source={path}"))

@@ -53,17 +53,14 @@ def design(cfg: AdaptConfig, sources: Dict[str, Source]) -> Design:
     return DESIGNS[sources["encoder"].family](cfg, sources["encoder"], sources["decoder"])
 
 
-def _reader(sources: Dict[str, Source]) -> Callable[[str, str], torch.Tensor]:
-    return lambda role, name: sources[role].tensors.get(name)
-
-
 def materialise(cfg: AdaptConfig, sources: Dict[str, Source], plan, sink: Callable[[str, torch.Tensor], None],
                 progress: bool = True) -> List[dict]:
     """Build every target tensor in plan order, hand it to `sink`, return manifest entries.
 
     One tensor is alive at a time (plus whatever `sink` keeps).
     """
-    dtype, read = _DTYPES[cfg.dtype], _reader(sources)
+    dtype = _DTYPES[cfg.dtype]
+    read = lambda role, name: sources[role].tensors.get(name)  # noqa: E731
     _check_source_shapes(sources, plan)
     entries = []
     for target in tqdm(plan, desc="adapt: building tensors", unit="tensor", disable=not progress):
@@ -108,11 +105,12 @@ def build_in_memory(cfg: AdaptConfig, progress: bool = False) -> Tuple[torch.nn.
     state: Dict[str, torch.Tensor] = {}
     materialise(cfg, sources, target.plan, state.__setitem__, progress=progress)
     model = target.model_class(target.config).to(_DTYPES[cfg.dtype])
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(model._tied_weights_keys or {}) | {k for sub in model.modules() for k in (getattr(sub, "_tied_weights_keys", None) or {})}
-    untied = [k for k in missing if not any(k.endswith(t) for t in tied)]
-    if untied or unexpected:
-        raise RuntimeError(f"adapted state does not fit the model: missing={untied[:5]} unexpected={unexpected[:5]}")
+    # The state holds each parameter once; tied aliases (decoder embedding, LM head) are the only
+    # keys it lacks, and load_state_dict leaves those pointing at the shared tensor.
+    _, unexpected = model.load_state_dict(state, strict=False)
+    unset = {name for name, _ in model.named_parameters()} - set(state)
+    if unset or unexpected:
+        raise RuntimeError(f"adapted state does not fit the model: unset={sorted(unset)[:5]} unexpected={unexpected[:5]}")
     model.tie_weights()
     return model.eval(), target, sources
 
