@@ -17,6 +17,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
 from jobs.adapt.config import AdaptConfig
+from jobs.data.config import DataConfig
 from orchestrator.errors import UserError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -27,6 +28,7 @@ class JobConfig:
     # Names the run directory under the root; letters, digits, '.', '_' and '-'.
     name: str = MISSING
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
+    data: DataConfig = field(default_factory=DataConfig)
 
     def __post_init__(self):
         if not _NAME.match(self.name):

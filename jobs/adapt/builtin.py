@@ -14,7 +14,7 @@ from orchestrator import storage
 
 TINY_VOCAB = 512
 # Gemma's special-token layout, so ids line up with the real tokenizers (pad 0, eos 1, bos 2, unk 3).
-TINY_SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"] + [f"<unused{i}>" for i in range(32)]
+TINY_SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"] + [f"<unused{i}>" for i in range(128)]
 
 _TINY: Dict[str, dict] = {
     # 6 layers so the Gemma 3 sliding/full pattern (5:1) is present; small window so it matters.

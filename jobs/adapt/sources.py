@@ -69,19 +69,33 @@ class _Renamed:
 
 def open_source(spec: str) -> Source:
     """Resolve a source spec to a Source. Raises UserError naming the spec when it cannot be used."""
-    if spec.startswith("builtin:"):
-        path = builtin.materialise(spec)
-    elif storage.is_s3(spec):
-        path = storage.download_prefix(spec)
-    else:
-        path = os.path.expanduser(spec)
-        if not os.path.exists(path):
-            raise UserError(f"source {spec} does not exist: give a Hugging Face directory, a .gguf file, "
-                            f"an s3:// prefix or one of {', '.join(builtin.NAMES)}")
+    path = _local_path(spec)
     gguf = _find_gguf(path)
     if gguf:
         return _open_gguf(spec, gguf)
     return _open_hf_dir(spec, path)
+
+
+def load_tokenizer(spec: str):
+    """The tokenizer of a source spec (same forms as open_source), without touching its weights."""
+    from transformers import AutoTokenizer
+
+    path = _local_path(spec)
+    gguf = _find_gguf(path)
+    folder = _gguf_metadata(spec, gguf) if gguf else path
+    return _tokenizer_or_error(spec, lambda: AutoTokenizer.from_pretrained(folder))
+
+
+def _local_path(spec: str) -> str:
+    if spec.startswith("builtin:"):
+        return builtin.materialise(spec)
+    if storage.is_s3(spec):
+        return storage.download_prefix(spec)
+    path = os.path.expanduser(spec)
+    if not os.path.exists(path):
+        raise UserError(f"source {spec} does not exist: give a Hugging Face directory, a .gguf file, "
+                        f"an s3:// prefix or one of {', '.join(builtin.NAMES)}")
+    return path
 
 
 def _find_gguf(path: str) -> Optional[str]:

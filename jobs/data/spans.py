@@ -78,11 +78,3 @@ def _interleave(values: np.ndarray, sentinel_at: np.ndarray, sentinels: np.ndarr
     out[is_value] = values.reshape(-1)
     np.put_along_axis(out, sentinel_at, np.broadcast_to(sentinels, sentinel_at.shape).astype(np.int32), axis=1)
     return out
-
-
-def prefix_splits(length: int, split: float, seed: int, index: np.ndarray) -> np.ndarray:
-    """Where each PrefixLM example splits: a fixed fraction, or (split < 0) uniform over [1, length - 1]."""
-    if split >= 0:
-        return np.full(len(index), min(max(int(round(length * split)), 1), length - 1), dtype=np.int64)
-    u = randomness.uniform(seed, index, randomness.PREFIX_SPLIT)
-    return 1 + np.minimum((u * (length - 1)).astype(np.int64), length - 2)
