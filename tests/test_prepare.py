@@ -183,13 +183,27 @@ def test_denoiser_choice_follows_the_weights():
     assert not np.array_equal(choose_denoisers(plan, 6, index[:50]), choose_denoisers(plan, 5, index[:50]))
 
 
-def test_output_is_byte_identical_whatever_the_parallelism(prepared, tmp_path):
-    again = str(tmp_path / "again")
-    run_prepare(data_cfg("data.num_tokenizer_workers=2"), "builtin:tiny-gemma3", again)
-    names = sorted(f for f in os.listdir(prepared) if f.endswith(".parquet"))
-    assert names == sorted(f for f in os.listdir(again) if f.endswith(".parquet")) and names
-    match, mismatch, errors = filecmp.cmpfiles(prepared, again, names, shallow=False)
+def test_output_is_byte_identical_whatever_the_parallelism(tmp_path):
+    # The shipped corpus split over 6 files, so 2 tokenizer actors really run side by side.
+    source = list_files(data_cfg().corpus[0], "data.corpus[0]")[0]
+    lines = open(source).read().splitlines()
+    (tmp_path / "corpus").mkdir()
+    for part in range(6):
+        (tmp_path / "corpus" / f"part-{part}.jsonl").write_text("\n".join(lines[part::6]) + "\n")
+    corpus = f"data.corpus=[{{path: '{tmp_path / 'corpus'}'}}]"
+    outputs = []
+    for workers in (1, 2):
+        outputs.append(str(tmp_path / f"workers-{workers}"))
+        run_prepare(data_cfg(corpus, f"data.num_tokenizer_workers={workers}"), "builtin:tiny-gemma3", outputs[-1])
+    names = sorted(f for f in os.listdir(outputs[0]) if f.endswith(".parquet"))
+    assert len(names) >= 6 and names == sorted(f for f in os.listdir(outputs[1]) if f.endswith(".parquet"))
+    _, mismatch, errors = filecmp.cmpfiles(outputs[0], outputs[1], names, shallow=False)
     assert not mismatch and not errors
+    # metadata.json records the config (worker count included); everything else in it must agree.
+    first, second = (json.load(open(os.path.join(o, "metadata.json"))) for o in outputs)
+    for metadata in (first, second):
+        del metadata["config"], metadata["config_hash"]
+    assert first == second
 
 
 def test_bad_rows_are_skipped_and_counted_exactly(tmp_path):

@@ -167,7 +167,8 @@ def run_prepare(cfg: DataConfig, tokenizer_spec: str, out: str, force: bool = Fa
     ensure_ray()
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True
-    tokenized = ray.data.from_items(files).map_batches(
+    # One block per file, so every tokenizer actor gets work.
+    tokenized = ray.data.from_items(files, override_num_blocks=len(files)).map_batches(
         TokenizeFiles, fn_constructor_kwargs={"tokenizer": tokenizer, "documents_per_piece": cfg.documents_per_piece},
         batch_size=1, concurrency=cfg.num_tokenizer_workers, num_cpus=1).materialize()
     pieces_meta = tokenized.drop_columns(["tokens"]).take_all()
