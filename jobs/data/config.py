@@ -47,8 +47,7 @@ class DataConfig:
     decoder_length: int = 256  # decoder target tokens per example, EOS included
     seed: int = 0
     num_tokenizer_workers: int = 1  # Ray actors that tokenize (each loads the tokenizer once)
-    documents_per_piece: int = 2000  # documents packed together; the unit of parallel work
-    examples_per_shard: int = 8192  # rows per Parquet file
+    documents_per_piece: int = 2000  # documents packed together: the unit of parallel work, one Parquet file
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -76,6 +75,6 @@ class DataConfig:
         if self.encoder_length < 8 or self.decoder_length < 4:
             raise ValueError(f"data.encoder_length={self.encoder_length} and data.decoder_length={self.decoder_length} "
                              "are too short to hold an example (need at least 8 and 4)")
-        for key in ("num_tokenizer_workers", "documents_per_piece", "examples_per_shard"):
+        for key in ("num_tokenizer_workers", "documents_per_piece"):
             if getattr(self, key) < 1:
                 raise ValueError(f"data.{key}={getattr(self, key)} must be at least 1")
