@@ -26,6 +26,8 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Per-core figures: the Rust tokenizer would otherwise use every core in the single-process rows.
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
 TOKENIZER = "builtin:gemma3-270m"
 
 
@@ -46,14 +48,18 @@ def load(files):
 
 
 def reference_pipeline(documents, tokenizer, plan, seed):
-    """Plain: per-document tokenizer calls, one token list, examples cut and corrupted one by one."""
+    """Plain: per-document tokenizer calls, one token list, examples cut and corrupted one by one.
+
+    Returns (corpus tokens, examples, tokenize seconds, pack + denoise seconds)."""
     from jobs.data.plan import choose_denoisers
     from tests.span_reference import reference_corrupt
 
+    started = time.perf_counter()
     stream = []
     for document in documents:
         stream.extend(tokenizer(document, add_special_tokens=False, split_special_tokens=True)["input_ids"])
         stream.append(plan.eos_id)
+    tokenized = time.perf_counter()
     examples, offset, index = 0, 0, 0
     while True:
         denoiser = plan.denoisers[int(choose_denoisers(plan, seed, np.array([index], dtype=np.uint64))[0])]
@@ -65,22 +71,28 @@ def reference_pipeline(documents, tokenizer, plan, seed):
         offset += denoiser.raw_length
         index += 1
         examples += 1
-    return len(stream), examples
+    return len(stream), examples, tokenized - started, time.perf_counter() - tokenized
 
 
 def fast_pipeline(documents, tokenizer, plan, seed, documents_per_piece=2000):
-    """The project's functions in one process: batched tokenization, vectorised packing and corruption."""
+    """The project's functions in one process: batched Rust tokenization, vectorised packing and corruption."""
     from jobs.data.examples import build_examples, count_examples
 
-    tokens, examples, start = 0, 0, 0
+    rust = tokenizer.backend_tokenizer
+    rust.encode_special_tokens = True  # as the pipeline's actors do
+    tokens, examples, start, tokenize_s, build_s = 0, 0, 0, 0.0, 0.0
     eos = np.array([plan.eos_id], dtype=np.int32)
     for first in range(0, len(documents), documents_per_piece):
-        ids = tokenizer(documents[first:first + documents_per_piece], add_special_tokens=False, split_special_tokens=True)["input_ids"]
-        stream = np.concatenate([np.concatenate([np.asarray(x, dtype=np.int32), eos]) for x in ids])
+        started = time.perf_counter()
+        encodings = rust.encode_batch_fast(documents[first:first + documents_per_piece], add_special_tokens=False)
+        stream = np.concatenate([np.concatenate([np.asarray(e.ids, dtype=np.int32), eos]) for e in encodings])
+        tokenized = time.perf_counter()
         count = count_examples(len(stream), start, plan, seed)
         build_examples(stream, start, count, plan, seed)
+        tokenize_s, build_s = tokenize_s + tokenized - started, build_s + time.perf_counter() - tokenized
         tokens, examples, start = tokens + len(stream), examples + count, start + count
-    return tokens, examples
+    rust.encode_special_tokens = False
+    return tokens, examples, tokenize_s, build_s
 
 
 def ray_child(corpus_dir, out, cpus):
@@ -135,11 +147,11 @@ def main():
         tokenizer = load_tokenizer(TOKENIZER)
         cfg = load_config(os.path.join(REPO, "configs", "quickstart.yaml")).data
         plan = make_plan(cfg, tokenizer)
-        rows = []
+        rows, parts = [], []
         for name, pipeline in (("reference (plain, 1 process)", reference_pipeline), ("fast (jobs/data, 1 process)", fast_pipeline)):
-            started = time.perf_counter()
-            tokens, examples = pipeline(documents, tokenizer, plan, cfg.seed)
-            rows.append((name, tokens, examples, time.perf_counter() - started, 1))
+            tokens, examples, tokenize_s, build_s = pipeline(documents, tokenizer, plan, cfg.seed)
+            rows.append((name, tokens, examples, tokenize_s + build_s, 1))
+            parts.append((name, tokens, tokenize_s, build_s))
         for cpus in (1, 2):
             result = subprocess.run([sys.executable, __file__, "--child", os.path.join(work, "corpus"),
                                      os.path.join(work, f"out-{cpus}"), str(cpus)], capture_output=True, text=True, cwd=REPO)
@@ -155,6 +167,10 @@ def main():
     for name, tokens, examples, seconds, cores in rows:
         rate = tokens / seconds
         print(f"{name:<40} {examples:>9,} {seconds:>8.2f} {rate:>10,.0f} {rate / cores:>14,.0f} {rate / reference_rate:>12.1f}x")
+    print(f"\n{'where the time goes (1 core)':<40} {'tokenize tok/s':>15} {'pack+denoise tok/s':>19}")
+    for name, tokens, tokenize_s, build_s in parts:
+        print(f"{name:<40} {tokens / tokenize_s:>15,.0f} {tokens / build_s:>19,.0f}")
+    print(f"pack+denoise, fast vs reference: {parts[0][3] / parts[1][3]:.1f}x")
     examples_per_s, flops = gpu_consumption_tokens_per_s()
     print(f"\none H100 at 40% of 989 TFLOPS bf16 trains ~{examples_per_s:,.0f} examples/s of 512+256 tokens "
           f"({flops / 1e9:,.0f} GFLOP each), i.e. ~{examples_per_s * 530:,.0f} corpus tokens/s")

@@ -91,16 +91,23 @@ def _prepare(args) -> None:
     from jobs.data.stage import run_prepare
     from orchestrator import storage
     from orchestrator.config import default_root, load_config
+    from orchestrator.tracking import tracking_uri
 
     overrides = list(args.overrides)
     if args.corpus:
         overrides.append("data.corpus=[" + ",".join("{path: '%s'}" % p.replace("'", "''") for p in args.corpus) + "]")
     job = load_config(args.config, overrides)
-    out = args.out or os.path.join(args.root or default_root(), job.name, "data")
+    root = args.root or default_root()
+    out = args.out or os.path.join(root, job.name, "data")
     local = os.path.join(storage.cache_dir(), "prepared", job.name) if storage.is_s3(out) else out
     metadata = run_prepare(job.data, job.data.tokenizer or job.adapt.source, local, force=args.force or storage.is_s3(out))
     if storage.is_s3(out):
         storage.upload_dir(local, out)
+    if job.tracking.enabled:
+        from jobs.data.stage import log_to_mlflow
+
+        run_id = log_to_mlflow(job.tracking, root, job.name, metadata, local, out)
+        print(f"MLflow run {run_id} at {tracking_uri(job.tracking, root)}")
     bad = metadata["bad_rows"]
     print(f"prepared {metadata['num_examples']} examples in {len(metadata['files'])} files "
           f"(padding {metadata['padding_fraction']:.1%}, bad rows skipped: {bad['total']} {bad['by_reason']}): {out}")
@@ -113,7 +120,15 @@ def _config_show(args) -> None:
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # Overrides may come after options (`t5adapt prepare CONFIG --out X key=value`), which argparse
+    # alone does not take once the positionals are consumed.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [item for item in extra if item.startswith("-") or "=" not in item or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     handler = {"adapt": _adapt, "prepare": _prepare, "config": _config_show}[args.command]
     try:

@@ -19,6 +19,7 @@ from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBas
 from jobs.adapt.config import AdaptConfig
 from jobs.data.config import DataConfig
 from orchestrator.errors import UserError
+from orchestrator.tracking import TrackingConfig
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -29,6 +30,7 @@ class JobConfig:
     name: str = MISSING
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self):
         if not _NAME.match(self.name):

@@ -1,5 +1,6 @@
 """Shared fixtures: an isolated cache, offline Hugging Face, tiny sources, a real S3 server on loopback."""
 
+import logging
 import os
 import socket
 
@@ -10,20 +11,26 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+# Ray Data's debug records (operator metrics dumps) would bury a failing test's own message.
+logging.getLogger("ray.data").setLevel(logging.WARNING)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="session", autouse=True)
 def isolated_cache(tmp_path_factory):
-    """Builtin sources are generated once per test session into a fresh cache."""
+    """Builtin sources are generated once per test session into a fresh cache; runs go to a temp root."""
     path = str(tmp_path_factory.mktemp("t5adapt-cache"))
-    previous = os.environ.get("T5ADAPT_CACHE")
+    saved = {k: os.environ.get(k) for k in ("T5ADAPT_CACHE", "T5ADAPT_ROOT", "MLFLOW_TRACKING_URI")}
     os.environ["T5ADAPT_CACHE"] = path
+    os.environ["T5ADAPT_ROOT"] = str(tmp_path_factory.mktemp("t5adapt-root"))  # nothing lands in the repo
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
     yield path
-    if previous is None:
-        os.environ.pop("T5ADAPT_CACHE", None)
-    else:
-        os.environ["T5ADAPT_CACHE"] = previous
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def builtin_path(name: str) -> str:

@@ -267,11 +267,24 @@ def test_s3_corpus_and_cli(s3_endpoint, tmp_path, capsys):
     s3.create_bucket(Bucket="corpus")
     for i in range(3):
         body = "\n".join(json.dumps({"text": f"Document {i}.{j}: names are bound to objects by assignment."}) for j in range(30))
-        s3.put_object(Bucket="corpus", Key=f"web/part-{i}.jsonl", Body=body.encode())
-    out = str(tmp_path / "s3data")
-    assert main(["prepare", TINY, "--corpus", "s3://corpus/web", "--out", out]) == 0
+        s3.put_object(Bucket="corpus", Key=f"web/part-{i}.jsonl", Body=body.encode() + b'\n{"text": broken\n')
+    out, root = str(tmp_path / "s3data"), str(tmp_path / "root")
+    assert main(["prepare", TINY, "--corpus", "s3://corpus/web", "--out", out, "--root", root]) == 0
     assert "prepared" in capsys.readouterr().out
     metadata = json.load(open(os.path.join(out, "metadata.json")))
     assert metadata["sources"][0]["files"] == 3 and metadata["sources"][0]["documents"] == 90
-    assert main(["prepare", TINY, "--corpus", "s3://corpus/web", "--out", out]) == 0  # reused, not redone
+    assert metadata["bad_rows"]["by_reason"]["malformed_json"] == 3
+
+    # Tracked in MLflow (the default store: SQLite in the run root), counts as metrics, metadata as artifact.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("t5adapt").experiment_id])
+    assert run.info.run_name == "tiny/prepare" and run.info.status == "FINISHED"
+    assert run.data.metrics["bad_rows.malformed_json"] == 3 and run.data.metrics["num_examples"] == metadata["num_examples"]
+    assert run.data.params["data.encoder_length"] == "64"
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["metadata.json"]
+    assert run.info.artifact_uri.startswith(f"file://{root}/mlartifacts")
+
+    assert main(["prepare", TINY, "--corpus", "s3://corpus/web", "--out", out, "tracking.enabled=false"]) == 0  # reused
     assert main(["prepare", TINY, "--corpus", "s3://corpus/nothing-here", "--out", str(tmp_path / "x")]) == 2

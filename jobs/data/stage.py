@@ -55,6 +55,8 @@ class TokenizeFiles:
         import ray
         from tokenizers import Tokenizer
 
+        # One tokenizer thread per actor: Ray gave this actor one CPU; parallelism comes from actors.
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
         self.tokenizer = Tokenizer.from_str(ray.get(tokenizer_json_ref[0]))
         # Text that spells a special token ("<unused7>") is split into ordinary pieces, never turned into it.
         self.tokenizer.encode_special_tokens = True
@@ -265,3 +267,21 @@ def _metadata(cfg, tokenizer_spec, tokenizer, plan: ExamplePlan, pieces_meta, vi
                      "by_file": {path: dict(c) for path, c in sorted(bad_by_file.items()) if c}},
         "config": asdict(cfg),
     }
+
+
+def log_to_mlflow(tracking, root: str, job_name: str, metadata: dict, local: str, out: str) -> str:
+    """The prepare stage as an MLflow run: data config as params; counts and padding as metrics;
+    metadata.json (per-file bad-row counts, sentinel choice) as an artifact."""
+    from orchestrator.tracking import flatten, log_stage_run
+
+    bad = metadata["bad_rows"]
+    metrics = {"num_examples": metadata["num_examples"], "padding_fraction": metadata["padding_fraction"],
+               "bad_rows": bad["total"], "tokens_unused_at_piece_ends": metadata["tokens_unused_at_piece_ends"],
+               **{f"bad_rows.{reason}": n for reason, n in bad["by_reason"].items()}}
+    for i, source in enumerate(metadata["sources"]):
+        metrics.update({f"source{i}.{k}": source[k] for k in ("documents", "tokens", "examples", "passes")})
+    params = {**flatten("data", metadata["config"]), "data.tokenizer_source": metadata["tokenizer"]}
+    return log_stage_run(tracking, root, f"{job_name}/prepare", params, metrics,
+                         artifacts=[os.path.join(local, METADATA)],
+                         tags={"t5adapt.stage": "prepare", "t5adapt.output": out,
+                               "t5adapt.config_hash": metadata["config_hash"]})
