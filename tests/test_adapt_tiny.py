@@ -218,8 +218,13 @@ def test_finished_output_is_reused_and_never_overwritten_silently(tmp_path):
     stamp = os.path.getmtime(os.path.join(out, "config.json"))
     run_adapt(adapt_cfg(), out)  # same config: reused
     assert os.path.getmtime(os.path.join(out, "config.json")) == stamp
-    with pytest.raises(UserError, match=r"already exists and was not made from this adapt config.*--force"):
+    with pytest.raises(UserError, match=r"holds finished output made from another config.*--force"):
         run_adapt(adapt_cfg("adapt.decoder_layers=first:2"), out)
     run_adapt(adapt_cfg("adapt.decoder_layers=first:2"), out, force=True)
     assert AutoModelForSeq2SeqLM.from_pretrained(out).config.decoder.num_hidden_layers == 2
     assert not os.path.exists(out + ".partial")
+    # Without its COMMITTED marker an output is an interrupted attempt: redone, not refused.
+    os.remove(os.path.join(out, "COMMITTED"))
+    run_adapt(adapt_cfg(), out)
+    assert AutoModelForSeq2SeqLM.from_pretrained(out).config.decoder.num_hidden_layers == 6
+    assert os.path.isfile(os.path.join(out, "COMMITTED"))

@@ -230,6 +230,20 @@ def test_bad_rows_are_skipped_and_counted_exactly(tmp_path):
     assert metadata["sources"][0]["documents"] == 30 + 25 + 25
 
 
+def test_committed_output_is_reused_uncommitted_redone(prepared, tmp_path):
+    stamp = os.path.getmtime(os.path.join(prepared, "metadata.json"))
+    assert run_prepare(data_cfg(), "builtin:tiny-gemma3", prepared)["num_examples"] > 0
+    assert os.path.getmtime(os.path.join(prepared, "metadata.json")) == stamp  # reused
+    with pytest.raises(UserError, match=r"holds finished output made from another config.*--force"):
+        run_prepare(data_cfg("data.seed=1"), "builtin:tiny-gemma3", prepared)
+    interrupted = tmp_path / "interrupted"
+    interrupted.mkdir()
+    (interrupted / "part-000000.parquet").write_bytes(b"half a file")
+    metadata = run_prepare(data_cfg(), "builtin:tiny-gemma3", str(interrupted))
+    assert (interrupted / "COMMITTED").is_file()
+    assert pq.read_table(interrupted / "part-000000.parquet").num_rows == metadata["files"][0]["examples"]
+
+
 def test_unreadable_file_and_missing_column_are_named(tmp_path):
     (tmp_path / "c").mkdir()
     pq.write_table(pa.table({"content": ["x"]}), tmp_path / "c" / "c.parquet")

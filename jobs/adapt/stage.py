@@ -10,7 +10,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from collections import Counter
 from dataclasses import asdict
 from typing import Callable, Dict, List, Tuple
@@ -24,10 +23,10 @@ from jobs.adapt.families import DESIGNS, Design
 from jobs.adapt.rules import name_seed
 from jobs.adapt.sources import Source, open_source
 from jobs.adapt.tensors import StreamingWriter, tensor_sha256
+from orchestrator.commits import commit, reusable, staging_dir
 from orchestrator.errors import UserError
 
 log = logging.getLogger("t5adapt.adapt")
-COMMIT_MARKER = "COMMITTED"
 MANIFEST = "adapt_manifest.json"
 STAGE_INFO = "t5adapt_adapt.json"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -115,38 +114,24 @@ def build_in_memory(cfg: AdaptConfig, progress: bool = False) -> Tuple[torch.nn.
     return model.eval(), target, sources
 
 
-def is_committed(out: str) -> bool:
-    return os.path.isfile(os.path.join(out, COMMIT_MARKER))
-
-
 def run_adapt(cfg: AdaptConfig, out: str, force: bool = False) -> str:
     """Write the adapted checkpoint to `out` (a local directory). Returns `out`.
 
-    A committed output made from the same adapt config is reused; any other existing `out` is
-    replaced only with force=True, and only after the new one is complete.
+    A committed output made from the same adapt config is reused, an uncommitted one redone;
+    committed output of another config is replaced only with force=True (orchestrator/commits.py).
     """
     digest = config_hash(cfg)
-    if os.path.exists(out) and not force:
-        info_path = os.path.join(out, STAGE_INFO)
-        if is_committed(out) and os.path.isfile(info_path) and json.load(open(info_path)).get("config_hash") == digest:
-            log.info("%s already holds this adaptation (config hash %s); reusing it", out, digest)
-            return out
-        raise UserError(f"{out} already exists and was not made from this adapt config: "
-                        "choose another --out, or pass --force to replace it")
+    if reusable(out, STAGE_INFO, digest, force) is not None:
+        return out
     sources = open_sources(cfg)
     target = design(cfg, sources)
-    staging = out.rstrip("/") + ".partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(staging)
+    staging = staging_dir(out)
     writer = StreamingWriter(staging, [(t.name, t.shape, _DTYPES[cfg.dtype]) for t in target.plan],
                              cfg.max_shard_mb * 2**20)
     entries = materialise(cfg, sources, target.plan, writer.write)
     files = writer.close()
     _write_metadata(cfg, staging, sources, target, entries, files, digest)
-    open(os.path.join(staging, COMMIT_MARKER), "w").close()
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    os.replace(staging, out)
+    commit(staging, out)
     counts = Counter(e["rule"].split("(")[0].split(":")[0] for e in entries)
     log.info("adapted %d tensors (%s) -> %s", len(entries), ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())), out)
     return out

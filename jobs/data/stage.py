@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 from collections import Counter
 from dataclasses import asdict
@@ -27,20 +26,16 @@ from jobs.data.config import DataConfig
 from jobs.data.corpus import BAD_REASONS, file_format, list_files, pieces, read_documents
 from jobs.data.examples import build_examples, count_examples
 from jobs.data.plan import ExamplePlan, make_plan
+from orchestrator.commits import commit, reusable, staging_dir
 from orchestrator.errors import UserError
 
 log = logging.getLogger("t5adapt.prepare")
-COMMIT_MARKER = "COMMITTED"
 METADATA = "metadata.json"
 
 
 def config_hash(cfg: DataConfig, tokenizer_spec: str) -> str:
     text = OmegaConf.to_yaml(OmegaConf.structured(cfg)) + tokenizer_spec
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def is_committed(out: str) -> bool:
-    return os.path.isfile(os.path.join(out, COMMIT_MARKER))
 
 
 class TokenizeFiles:
@@ -156,8 +151,8 @@ def _build_and_write(batch: Dict[str, np.ndarray], visits_by_piece: Dict[tuple, 
 def run_prepare(cfg: DataConfig, tokenizer_spec: str, out: str, force: bool = False) -> dict:
     """Prepare examples into the local directory `out`; returns the metadata written.
 
-    A committed output made from the same config and tokenizer is reused; anything else at `out` is
-    replaced only with force=True, and only once the new output is complete.
+    A committed output made from the same config and tokenizer is reused, an uncommitted one redone;
+    committed output of another config is replaced only with force=True (orchestrator/commits.py).
     """
     import ray
 
@@ -165,12 +160,9 @@ def run_prepare(cfg: DataConfig, tokenizer_spec: str, out: str, force: bool = Fa
     from orchestrator.ray_runtime import ensure_ray
 
     digest = config_hash(cfg, tokenizer_spec)
-    if os.path.exists(out) and not force:
-        meta_path = os.path.join(out, METADATA)
-        if is_committed(out) and json.load(open(meta_path)).get("config_hash") == digest:
-            return json.load(open(meta_path))
-        raise UserError(f"{out} already exists and was not prepared from this config: choose another --out, "
-                        "or pass --force to replace it")
+    existing = reusable(out, METADATA, digest, force)
+    if existing is not None:
+        return existing
     tokenizer = load_tokenizer(tokenizer_spec)
     plan = make_plan(cfg, tokenizer)
     files = []
@@ -201,9 +193,7 @@ def run_prepare(cfg: DataConfig, tokenizer_spec: str, out: str, force: bool = Fa
     for visit in visits:
         visits_by_piece.setdefault((visit["source"], visit["file_index"], visit["piece"]), []).append(visit)
 
-    staging = out.rstrip("/") + ".partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(staging)
+    staging = staging_dir(out)
     started = time.perf_counter()
     stats = tokenized.map_batches(
         _build_and_write, fn_kwargs={"visits_by_piece": visits_by_piece, "plan": plan, "seed": cfg.seed, "out": staging},
@@ -212,10 +202,7 @@ def run_prepare(cfg: DataConfig, tokenizer_spec: str, out: str, force: bool = Fa
     metadata = _metadata(cfg, tokenizer_spec, tokenizer, plan, pieces_meta, visits, stats, digest)
     with open(os.path.join(staging, METADATA), "w") as f:
         json.dump(metadata, f, indent=1)
-    open(os.path.join(staging, COMMIT_MARKER), "w").close()
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    os.replace(staging, out)
+    commit(staging, out)
     return metadata
 
 
