@@ -24,6 +24,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/adapt_memory.py
 	$(PY) bench/adapt_quality.py
+	$(PY) bench/prepare_throughput.py
 
 clean-venv:
 	rm -rf $(VENV)

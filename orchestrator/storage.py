@@ -47,6 +47,20 @@ def _list_objects(uri: str) -> List[Tuple[str, int]]:
     return keys
 
 
+def list_files(uri: str) -> List[str]:
+    """Every object under an s3:// prefix, as s3:// URIs, sorted."""
+    bucket, _ = split_s3(uri)
+    return sorted(f"s3://{bucket}/{key}" for key, _ in _list_objects(uri) if not key.endswith("/"))
+
+
+def download_file(uri: str, local: str) -> None:
+    """One s3:// object to a local path (written under a side name, then renamed)."""
+    bucket, key = split_s3(uri)
+    os.makedirs(os.path.dirname(local) or ".", exist_ok=True)
+    _client().download_file(bucket, key, local + ".part")
+    os.replace(local + ".part", local)
+
+
 def cache_dir() -> str:
     """Where downloaded and generated sources live: $T5ADAPT_CACHE or ~/.cache/t5adapt."""
     return os.environ.get("T5ADAPT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "t5adapt"))

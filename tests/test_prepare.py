@@ -25,7 +25,9 @@ TINY = os.path.join(REPO, "configs", "tiny.yaml")
 
 
 @pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
+def ray_cluster(s3_endpoint):
+    """A real local Ray cluster; started after the S3 endpoint so its workers inherit the settings
+    (on a real cluster, workers get their S3 settings from their own environment)."""
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -288,6 +290,8 @@ def test_s3_corpus_and_cli(s3_endpoint, tmp_path, capsys):
     metadata = json.load(open(os.path.join(out, "metadata.json")))
     assert metadata["sources"][0]["files"] == 3 and metadata["sources"][0]["documents"] == 90
     assert metadata["bad_rows"]["by_reason"]["malformed_json"] == 3
+    # Workers fetch their own objects: counts are keyed by the object's URI.
+    assert metadata["bad_rows"]["by_file"] == {f"s3://corpus/web/part-{i}.jsonl": {"malformed_json": 1} for i in range(3)}
 
     # Tracked in MLflow (the default store: SQLite in the run root), counts as metrics, metadata as artifact.
     from mlflow.tracking import MlflowClient

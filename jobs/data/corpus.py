@@ -28,7 +28,7 @@ def list_files(source: CorpusConfig, key: str) -> List[str]:
     if path.startswith("builtin:"):
         raise UserError(f"{key}.path={path} is not a builtin corpus: choose one of {', '.join(BUILTIN_CORPORA)}")
     if storage.is_s3(path):
-        path = storage.download_prefix(path)
+        return storage.list_files(path)  # each worker fetches its own files: nothing lands on the driver
     if os.path.isdir(path):
         files = [os.path.join(d, f) for d, _, names in os.walk(path) for f in names if not f.startswith(".")]
     else:
@@ -65,10 +65,14 @@ def file_format(path: str, declared: str) -> str:
 
 
 def read_documents(path: str, fmt: str, text_field: str, bad: Counter) -> Iterator[str]:
-    """Yield the good documents of one file; add one to bad[reason] per bad row.
+    """Yield the good documents of one file (a local path or an s3:// object); add one to
+    bad[reason] per bad row.
 
     Raises OSError/ValueError when the file as a whole cannot be read (callers name the path).
     """
+    if storage.is_s3(path):
+        yield from _s3_documents(path, fmt, text_field, bad)
+        return
     if fmt == "parquet":
         yield from _parquet_documents(path, text_field, bad)
         return
@@ -87,6 +91,21 @@ def read_documents(path: str, fmt: str, text_field: str, bad: Counter) -> Iterat
                 bad["empty_text"] += 1
                 continue
             yield text
+
+
+def _s3_documents(uri: str, fmt: str, text_field: str, bad: Counter) -> Iterator[str]:
+    """Copy the object to local scratch on the worker that reads it, read it, delete the copy."""
+    import tempfile
+
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    with tempfile.TemporaryDirectory(prefix="t5adapt-corpus-") as scratch:
+        local = os.path.join(scratch, os.path.basename(uri))
+        try:
+            storage.download_file(uri, local)
+        except (BotoCoreError, ClientError) as e:
+            raise OSError(f"cannot download it: {e}") from None
+        yield from read_documents(local, fmt, text_field, bad)
 
 
 def _decode(raw: bytes, bad: Counter) -> Optional[str]:

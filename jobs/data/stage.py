@@ -182,7 +182,7 @@ def run_prepare(cfg: DataConfig, tokenizer_spec: str, out: str, force: bool = Fa
     tokenized = ray.data.from_items(files, override_num_blocks=len(files)).map_batches(
         TokenizeFiles, fn_constructor_kwargs={"tokenizer_json_ref": tokenizer_ref, "eos_id": tokenizer.eos_token_id,
                                               "documents_per_piece": cfg.documents_per_piece},
-        batch_size=1, concurrency=cfg.num_tokenizer_workers, num_cpus=1).materialize()
+        batch_size=1, compute=ray.data.ActorPoolStrategy(size=cfg.num_tokenizer_workers), num_cpus=1).materialize()
     pieces_meta = tokenized.drop_columns(["tokens"]).take_all()
     log.info("tokenized %d files into %d pieces in %.1f s", len(files), len(pieces_meta), time.perf_counter() - started)
     errors = [m for m in pieces_meta if m["error"]]
