@@ -14,6 +14,7 @@ Run: .venv/bin/python bench/prepare_throughput.py [--repeat 6]
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -103,12 +104,26 @@ def ray_child(corpus_dir, out, cpus):
     from orchestrator.config import load_config
 
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    stage_seconds = {}
+
+    class StageTimes(logging.Handler):
+        """Reads the stage durations run_prepare logs ("tokenized ... in 12.3 s")."""
+
+        def emit(self, record):
+            message = record.getMessage()
+            stage = "tokenize" if message.startswith("tokenized") else "build" if message.startswith("built") else None
+            if stage:
+                stage_seconds[stage] = float(message.rsplit(" in ", 1)[1].split()[0])
+
+    logger = logging.getLogger("t5adapt.prepare")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(StageTimes())
     cfg = load_config(os.path.join(REPO, "configs", "quickstart.yaml"),
                       [f"data.corpus=[{{path: '{corpus_dir}'}}]", f"data.num_tokenizer_workers={cpus}"]).data
     started = time.perf_counter()
     metadata = run_prepare(cfg, TOKENIZER, out, force=True)
     print(json.dumps({"seconds": time.perf_counter() - started, "tokens": sum(s["tokens"] for s in metadata["sources"]),
-                      "examples": metadata["num_examples"], "padding": metadata["padding_fraction"]}))
+                      "examples": metadata["num_examples"], "padding": metadata["padding_fraction"], **stage_seconds}))
 
 
 def gpu_consumption_tokens_per_s():
@@ -147,7 +162,7 @@ def main():
         tokenizer = load_tokenizer(TOKENIZER)
         cfg = load_config(os.path.join(REPO, "configs", "quickstart.yaml")).data
         plan = make_plan(cfg, tokenizer)
-        rows, parts = [], []
+        rows, parts, ray_stages = [], [], []
         for name, pipeline in (("reference (plain, 1 process)", reference_pipeline), ("fast (jobs/data, 1 process)", fast_pipeline)):
             tokens, examples, tokenize_s, build_s = pipeline(documents, tokenizer, plan, cfg.seed)
             rows.append((name, tokens, examples, tokenize_s + build_s, 1))
@@ -159,6 +174,7 @@ def main():
                 raise SystemExit(result.stderr[-3000:])
             figures = json.loads(result.stdout.strip().splitlines()[-1])
             rows.append((f"ray prepare, {cpus} CPU(s), Parquet written", figures["tokens"], figures["examples"], figures["seconds"], cpus))
+            ray_stages.append((cpus, figures["tokenize"], figures["build"]))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     reference_rate = rows[0][1] / rows[0][3]
@@ -171,6 +187,10 @@ def main():
     for name, tokens, tokenize_s, build_s in parts:
         print(f"{name:<40} {tokens / tokenize_s:>15,.0f} {tokens / build_s:>19,.0f}")
     print(f"pack+denoise, fast vs reference: {parts[0][3] / parts[1][3]:.1f}x")
+    print(f"\n{'ray stages (wall seconds)':<40} {'tokenize':>9} {'build+write':>12}")
+    for cpus, tokenize_s, build_s in ray_stages:
+        print(f"{f'{cpus} CPU(s)':<40} {tokenize_s:>9.1f} {build_s:>12.1f}")
+    print(f"tokenize stage speed-up, 1 -> 2 CPUs: {ray_stages[0][1] / ray_stages[1][1]:.2f}x")
     examples_per_s, flops = gpu_consumption_tokens_per_s()
     print(f"\none H100 at 40% of 989 TFLOPS bf16 trains ~{examples_per_s:,.0f} examples/s of 512+256 tokens "
           f"({flops / 1e9:,.0f} GFLOP each), i.e. ~{examples_per_s * 530:,.0f} corpus tokens/s")

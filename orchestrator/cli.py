@@ -80,10 +80,10 @@ def _adapt(args) -> None:
     out = args.out or os.path.join(args.root or default_root(), job.name, "adapted")
     if storage.is_s3(out):
         local = os.path.join(storage.cache_dir(), "exports", job.name)
-        run_adapt(job.adapt, local, force=True)
+        run_adapt(job.adapt, local, force=True, data_cfg=job.data)
         storage.upload_dir(local, out)
     else:
-        run_adapt(job.adapt, out, force=args.force)
+        run_adapt(job.adapt, out, force=args.force, data_cfg=job.data)
     print(f"adapted checkpoint: {out}")
 
 

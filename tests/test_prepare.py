@@ -134,6 +134,18 @@ def test_sentinels_are_reserved_tokens_that_never_come_from_text(prepared):
     assert tokenizer.convert_tokens_to_ids("<unused3>") not in spelled
 
 
+def test_adapted_tokenizer_records_the_same_sentinels(prepared, tmp_path):
+    out = str(tmp_path / "adapted")
+    assert main(["adapt", TINY, "--out", out]) == 0
+    recorded = json.load(open(os.path.join(out, "tokenizer_config.json")))["t5adapt_denoising"]
+    metadata = json.load(open(os.path.join(prepared, "metadata.json")))
+    for key in ("sentinel_ids", "sentinel_tokens", "mode_tokens", "denoisers"):
+        assert recorded[key] == metadata[key], key
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(out).convert_ids_to_tokens(recorded["sentinel_ids"][:2]) == ["<unused3>", "<unused4>"]
+
+
 def test_noise_density_and_mean_span_match_the_configuration(tmp_path):
     """Measured over many examples of real text at the quickstart lengths (512/256).
 

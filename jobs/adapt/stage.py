@@ -32,8 +32,11 @@ STAGE_INFO = "t5adapt_adapt.json"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def config_hash(cfg: AdaptConfig) -> str:
-    return hashlib.sha256(OmegaConf.to_yaml(OmegaConf.structured(cfg)).encode()).hexdigest()[:16]
+def config_hash(cfg: AdaptConfig, data_cfg=None) -> str:
+    text = OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    if data_cfg is not None:
+        text += OmegaConf.to_yaml(OmegaConf.structured(data_cfg))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def open_sources(cfg: AdaptConfig) -> Dict[str, Source]:
@@ -114,13 +117,17 @@ def build_in_memory(cfg: AdaptConfig, progress: bool = False) -> Tuple[torch.nn.
     return model.eval(), target, sources
 
 
-def run_adapt(cfg: AdaptConfig, out: str, force: bool = False) -> str:
+def run_adapt(cfg: AdaptConfig, out: str, force: bool = False, data_cfg=None) -> str:
     """Write the adapted checkpoint to `out` (a local directory). Returns `out`.
+
+    With `data_cfg` (the job's data slice), the exported tokenizer_config.json records the sentinel
+    and mode tokens that preprocessing with that config uses (key "t5adapt_denoising"), so the
+    model and its tokenizer travel with the denoising vocabulary they are trained on.
 
     A committed output made from the same adapt config is reused, an uncommitted one redone;
     committed output of another config is replaced only with force=True (orchestrator/commits.py).
     """
-    digest = config_hash(cfg)
+    digest = config_hash(cfg, data_cfg)
     if reusable(out, STAGE_INFO, digest, force) is not None:
         return out
     sources = open_sources(cfg)
@@ -130,14 +137,14 @@ def run_adapt(cfg: AdaptConfig, out: str, force: bool = False) -> str:
                              cfg.max_shard_mb * 2**20)
     entries = materialise(cfg, sources, target.plan, writer.write)
     files = writer.close()
-    _write_metadata(cfg, staging, sources, target, entries, files, digest)
+    _write_metadata(cfg, staging, sources, target, entries, files, digest, data_cfg)
     commit(staging, out)
     counts = Counter(e["rule"].split("(")[0].split(":")[0] for e in entries)
     log.info("adapted %d tensors (%s) -> %s", len(entries), ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())), out)
     return out
 
 
-def _write_metadata(cfg, staging, sources, target: Design, entries, files, digest) -> None:
+def _write_metadata(cfg, staging, sources, target: Design, entries, files, digest, data_cfg) -> None:
     from transformers import GenerationConfig
 
     target.config.architectures = [target.model_class.__name__]
@@ -151,7 +158,10 @@ def _write_metadata(cfg, staging, sources, target: Design, entries, files, diges
         generation.eos_token_id = source_generation.eos_token_id
     generation.save_pretrained(staging)
     print("adapt: writing tokenizer", flush=True)
-    sources["encoder"].load_tokenizer().save_pretrained(staging)
+    tokenizer = sources["encoder"].load_tokenizer()
+    tokenizer.save_pretrained(staging)
+    if data_cfg is not None:
+        _record_denoising_tokens(staging, tokenizer, data_cfg)
     with open(os.path.join(staging, MANIFEST), "w") as f:
         json.dump({"files": files, "tensors": entries}, f, indent=1)
     info = {
@@ -166,6 +176,17 @@ def _write_metadata(cfg, staging, sources, target: Design, entries, files, diges
         json.dump(info, f, indent=2)
     with open(os.path.join(staging, "README.md"), "w") as f:
         f.write(_model_card(cfg, sources, target, entries))
+
+
+def _record_denoising_tokens(staging: str, tokenizer, data_cfg) -> None:
+    from jobs.data.plan import denoising_tokens, make_plan
+
+    path = os.path.join(staging, "tokenizer_config.json")
+    with open(path) as f:
+        tokenizer_config = json.load(f)
+    tokenizer_config["t5adapt_denoising"] = denoising_tokens(make_plan(data_cfg, tokenizer), tokenizer)
+    with open(path, "w") as f:
+        json.dump(tokenizer_config, f, indent=2)
 
 
 def _model_card(cfg: AdaptConfig, sources, target: Design, entries) -> str:

@@ -106,6 +106,16 @@ def make_plan(cfg: DataConfig, tokenizer) -> ExamplePlan:
     )
 
 
+def denoising_tokens(plan: ExamplePlan, tokenizer) -> dict:
+    """The reserved-token choice as prepared data and exported tokenizers record it."""
+    return {
+        "sentinel_ids": plan.sentinel_ids,
+        "sentinel_tokens": tokenizer.convert_ids_to_tokens(plan.sentinel_ids),
+        "mode_tokens": plan.mode_token_ids,
+        "denoisers": plan.table(),
+    }
+
+
 def reserved_token_ids(tokenizer) -> List[int]:
     """Ids of the tokenizer's `<unusedN>` tokens, ordered by N."""
     found = []

@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from jobs.data.config import DataConfig
 from jobs.data.corpus import BAD_REASONS, file_format, list_files, pieces, read_documents
 from jobs.data.examples import build_examples, count_examples
-from jobs.data.plan import ExamplePlan, make_plan
+from jobs.data.plan import ExamplePlan, denoising_tokens, make_plan
 from orchestrator.commits import commit, reusable, staging_dir
 from orchestrator.errors import UserError
 
@@ -224,7 +224,6 @@ def _metadata(cfg, tokenizer_spec, tokenizer, plan: ExamplePlan, pieces_meta, vi
                         "documents": sum(m["num_documents"] for m in own), "tokens": sum(m["num_tokens"] for m in own),
                         "examples": sum(v["count"] for v in own_visits),
                         "passes": max([v["repeat"] + 1 for v in own_visits] or [0])})
-    id_to_token = tokenizer.convert_ids_to_tokens
     return {
         "format_version": 1,
         "config_hash": digest,
@@ -235,12 +234,7 @@ def _metadata(cfg, tokenizer_spec, tokenizer, plan: ExamplePlan, pieces_meta, vi
         "seed": cfg.seed,
         "encoder_length": cfg.encoder_length,
         "decoder_length": cfg.decoder_length,
-        "sentinel_ids": plan.sentinel_ids,
-        "sentinel_tokens": id_to_token(plan.sentinel_ids),
-        "mode_tokens": plan.mode_token_ids,
-        "denoisers": [{"name": d.name, "mean_span": d.mean_span, "rate": d.rate, "mode_token": d.mode_token,
-                       "weight": d.weight, "raw_length": d.raw_length, "prefix_split": d.prefix_split}
-                      for d in plan.denoisers],
+        **denoising_tokens(plan, tokenizer),  # sentinel_ids, sentinel_tokens, mode_tokens, denoisers
         "num_examples": examples,
         "examples_per_denoiser": [per_denoiser.get(i, 0) for i in range(len(plan.denoisers))],
         # One Parquet file per piece visit, in output order, with where its examples came from.
