@@ -89,7 +89,6 @@ def _adapt(args) -> None:
 
 def _prepare(args) -> None:
     from jobs.data.stage import run_prepare
-    from orchestrator import storage
     from orchestrator.config import default_root, load_config
     from orchestrator.tracking import tracking_uri
 
@@ -99,14 +98,11 @@ def _prepare(args) -> None:
     job = load_config(args.config, overrides)
     root = args.root or default_root()
     out = args.out or os.path.join(root, job.name, "data")
-    local = os.path.join(storage.cache_dir(), "prepared", job.name) if storage.is_s3(out) else out
-    metadata = run_prepare(job.data, job.data.tokenizer or job.adapt.source, local, force=args.force or storage.is_s3(out))
-    if storage.is_s3(out):
-        storage.upload_dir(local, out)
+    metadata = run_prepare(job.data, job.data.tokenizer or job.adapt.source, out, force=args.force)
     if job.tracking.enabled:
         from jobs.data.stage import log_to_mlflow
 
-        run_id = log_to_mlflow(job.tracking, root, job.name, metadata, local, out)
+        run_id = log_to_mlflow(job.tracking, root, job.name, metadata, out)
         print(f"MLflow run {run_id} at {tracking_uri(job.tracking, root)}")
     bad = metadata["bad_rows"]
     print(f"prepared {metadata['num_examples']} examples in {len(metadata['files'])} files "

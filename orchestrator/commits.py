@@ -10,6 +10,7 @@ import os
 import shutil
 from typing import Optional
 
+from orchestrator import storage
 from orchestrator.errors import UserError
 
 COMMIT_MARKER = "COMMITTED"
@@ -17,21 +18,23 @@ log = logging.getLogger("t5adapt")
 
 
 def is_committed(out: str) -> bool:
-    return os.path.isfile(os.path.join(out, COMMIT_MARKER))
+    return storage.exists(storage.join(out, COMMIT_MARKER))
 
 
 def reusable(out: str, info_file: str, digest: str, force: bool) -> Optional[dict]:
     """The info dict of a committed output of this config (reuse it), or None (build it).
 
-    Raises UserError when `out` holds committed work from another config and force is off.
+    `out` is a local directory or an s3:// prefix. Raises UserError when it holds committed work
+    from another config and force is off.
     """
-    if force or not os.path.exists(out):
+    if force:
         return None
     if not is_committed(out):
-        log.warning("%s has no %s marker (an interrupted run); building it again", out, COMMIT_MARKER)
+        if os.path.exists(out):  # a local leftover; an s3:// prefix without marker is emptied quietly
+            log.warning("%s has no %s marker (an interrupted run); building it again", out, COMMIT_MARKER)
         return None
-    info_path = os.path.join(out, info_file)
-    info = json.load(open(info_path)) if os.path.isfile(info_path) else {}
+    info_path = storage.join(out, info_file)
+    info = json.loads(storage.read_text(info_path)) if storage.exists(info_path) else {}
     if info.get("config_hash") == digest:
         log.info("%s already holds this output (config hash %s); reusing it", out, digest)
         return info
@@ -40,7 +43,11 @@ def reusable(out: str, info_file: str, digest: str, force: bool) -> Optional[dic
 
 
 def staging_dir(out: str) -> str:
-    """A fresh `<out>.partial` to build in."""
+    """Where to build: a fresh `<out>.partial` directory; for an s3:// prefix, the prefix itself,
+    emptied (objects cannot be renamed, so there the marker alone says the output is whole)."""
+    if storage.is_s3(out):
+        storage.delete_prefix(out)
+        return out
     staging = out.rstrip("/") + ".partial"
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
@@ -48,8 +55,10 @@ def staging_dir(out: str) -> str:
 
 
 def commit(staging: str, out: str) -> None:
-    """Marker last, then the finished directory takes `out`'s place."""
-    open(os.path.join(staging, COMMIT_MARKER), "w").close()
+    """Marker last; a local build then takes `out`'s place."""
+    storage.write_text(storage.join(staging, COMMIT_MARKER), "")
+    if storage.is_s3(out):
+        return
     if os.path.exists(out):
         shutil.rmtree(out)
     os.replace(staging, out)

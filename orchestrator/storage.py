@@ -61,6 +61,57 @@ def download_file(uri: str, local: str) -> None:
     os.replace(local + ".part", local)
 
 
+def join(base: str, name: str) -> str:
+    """A child of a local directory or an s3:// prefix."""
+    return f"{base.rstrip('/')}/{name}" if is_s3(base) else os.path.join(base, name)
+
+
+def exists(uri: str) -> bool:
+    """Whether a local file or an s3:// object exists."""
+    if not is_s3(uri):
+        return os.path.exists(uri)
+    from botocore.exceptions import ClientError
+
+    bucket, key = split_s3(uri)
+    try:
+        _client().head_object(Bucket=bucket, Key=key)
+        return True
+    except ClientError:
+        return False
+
+
+def read_text(uri: str) -> str:
+    if not is_s3(uri):
+        with open(uri) as f:
+            return f.read()
+    bucket, key = split_s3(uri)
+    return _client().get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+
+
+def write_text(uri: str, text: str) -> None:
+    if not is_s3(uri):
+        with open(uri, "w") as f:
+            f.write(text)
+        return
+    bucket, key = split_s3(uri)
+    _client().put_object(Bucket=bucket, Key=key, Body=text.encode())
+
+
+def upload_file(local: str, uri: str) -> None:
+    bucket, key = split_s3(uri)
+    _client().upload_file(local, bucket, key)
+
+
+def delete_prefix(uri: str) -> None:
+    """Remove every object under an s3:// prefix (an interrupted or replaced output)."""
+    bucket, prefix = split_s3(uri)
+    client = _client()
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):
+        keys = [{"Key": obj["Key"]} for obj in page.get("Contents", [])]
+        if keys:
+            client.delete_objects(Bucket=bucket, Delete={"Objects": keys})
+
+
 def cache_dir() -> str:
     """Where downloaded and generated sources live: $T5ADAPT_CACHE or ~/.cache/t5adapt."""
     return os.environ.get("T5ADAPT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "t5adapt"))

@@ -317,4 +317,17 @@ def test_s3_corpus_and_cli(s3_endpoint, tmp_path, capsys):
     assert run.info.artifact_uri.startswith(f"file://{root}/mlartifacts")
 
     assert main(["prepare", TINY, "--corpus", "s3://corpus/web", "--out", out, "tracking.enabled=false"]) == 0  # reused
+
+    # An s3:// output: workers upload their own files, the marker goes last, and a rerun reuses it.
+    assert main(["prepare", TINY, "--corpus", "s3://corpus/web", "--out", "s3://corpus/prepared/tiny",
+                 "tracking.enabled=false"]) == 0
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket="corpus", Prefix="prepared/tiny/")["Contents"]}
+    parts = sorted(f for f in os.listdir(out) if f.endswith(".parquet"))
+    assert keys == {f"prepared/tiny/{name}" for name in parts + ["metadata.json", "COMMITTED"]}
+    body = s3.get_object(Bucket="corpus", Key=f"prepared/tiny/{parts[0]}")["Body"].read()
+    assert body == open(os.path.join(out, parts[0]), "rb").read()  # same bytes as the local output
+    s3.delete_object(Bucket="corpus", Key="prepared/tiny/COMMITTED")  # an interrupted run: redone
+    assert main(["prepare", TINY, "--corpus", "s3://corpus/web", "--out", "s3://corpus/prepared/tiny",
+                 "tracking.enabled=false"]) == 0
+    assert s3.head_object(Bucket="corpus", Key="prepared/tiny/COMMITTED")
     assert main(["prepare", TINY, "--corpus", "s3://corpus/nothing-here", "--out", str(tmp_path / "x")]) == 2

@@ -26,6 +26,7 @@ from jobs.data.config import DataConfig
 from jobs.data.corpus import BAD_REASONS, file_format, list_files, pieces, read_documents
 from jobs.data.examples import build_examples, count_examples
 from jobs.data.plan import ExamplePlan, denoising_tokens, make_plan
+from orchestrator import storage
 from orchestrator.commits import commit, reusable, staging_dir
 from orchestrator.errors import UserError
 
@@ -138,7 +139,7 @@ def _build_and_write(batch: Dict[str, np.ndarray], visits_by_piece: Dict[tuple, 
                 "denoiser": pa.array(columns["denoiser"], pa.int32()),
             })
             name = f"part-{visit['position']:06d}.parquet"
-            pq.write_table(table, os.path.join(out, name), compression="zstd")
+            _write_parquet(table, out, name)
             lengths = [len(x) for x in columns["input_ids"]], [len(y) for y in columns["labels"]]
             used = sum(plan.denoisers[d].raw_length for d in columns["denoiser"])
             for key, value in (("position", visit["position"]), ("file", name), ("examples", visit["count"]),
@@ -148,8 +149,23 @@ def _build_and_write(batch: Dict[str, np.ndarray], visits_by_piece: Dict[tuple, 
     return stats
 
 
+def _write_parquet(table, out: str, name: str) -> None:
+    """Into a local directory, or (s3:// output) uploaded by the worker that made it: on a multi-node
+    cluster no file is left on a node's local disk."""
+    import tempfile
+
+    import pyarrow.parquet as pq
+
+    if not storage.is_s3(out):
+        pq.write_table(table, os.path.join(out, name), compression="zstd")
+        return
+    with tempfile.TemporaryDirectory(prefix="t5adapt-part-") as scratch:
+        pq.write_table(table, os.path.join(scratch, name), compression="zstd")
+        storage.upload_file(os.path.join(scratch, name), storage.join(out, name))
+
+
 def run_prepare(cfg: DataConfig, tokenizer_spec: str, out: str, force: bool = False) -> dict:
-    """Prepare examples into the local directory `out`; returns the metadata written.
+    """Prepare examples into `out` (a local directory or an s3:// prefix); returns the metadata written.
 
     A committed output made from the same config and tokenizer is reused, an uncommitted one redone;
     committed output of another config is replaced only with force=True (orchestrator/commits.py).
@@ -200,8 +216,7 @@ def run_prepare(cfg: DataConfig, tokenizer_spec: str, out: str, force: bool = Fa
         batch_size=1, num_cpus=1).take_all()
     log.info("built and wrote %d examples in %.1f s", sum(s["examples"] for s in stats), time.perf_counter() - started)
     metadata = _metadata(cfg, tokenizer_spec, tokenizer, plan, pieces_meta, visits, stats, digest)
-    with open(os.path.join(staging, METADATA), "w") as f:
-        json.dump(metadata, f, indent=1)
+    storage.write_text(storage.join(staging, METADATA), json.dumps(metadata, indent=1))
     commit(staging, out)
     return metadata
 
@@ -250,7 +265,7 @@ def _metadata(cfg, tokenizer_spec, tokenizer, plan: ExamplePlan, pieces_meta, vi
     }
 
 
-def log_to_mlflow(tracking, root: str, job_name: str, metadata: dict, local: str, out: str) -> str:
+def log_to_mlflow(tracking, root: str, job_name: str, metadata: dict, out: str) -> str:
     """The prepare stage as an MLflow run: data config as params; counts and padding as metrics;
     metadata.json (per-file bad-row counts, sentinel choice) as an artifact."""
     from orchestrator.tracking import flatten, log_stage_run
@@ -262,7 +277,12 @@ def log_to_mlflow(tracking, root: str, job_name: str, metadata: dict, local: str
     for i, source in enumerate(metadata["sources"]):
         metrics.update({f"source{i}.{k}": source[k] for k in ("documents", "tokens", "examples", "passes")})
     params = {**flatten("data", metadata["config"]), "data.tokenizer_source": metadata["tokenizer"]}
-    return log_stage_run(tracking, root, f"{job_name}/prepare", params, metrics,
-                         artifacts=[os.path.join(local, METADATA)],
-                         tags={"t5adapt.stage": "prepare", "t5adapt.output": out,
-                               "t5adapt.config_hash": metadata["config_hash"]})
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="t5adapt-mlflow-") as scratch:
+        path = os.path.join(scratch, METADATA)
+        with open(path, "w") as f:
+            json.dump(metadata, f, indent=1)
+        return log_stage_run(tracking, root, f"{job_name}/prepare", params, metrics, artifacts=[path],
+                             tags={"t5adapt.stage": "prepare", "t5adapt.output": out,
+                                   "t5adapt.config_hash": metadata["config_hash"]})
