@@ -105,7 +105,7 @@ def schedule(pieces_meta: List[dict], weights: List[float], plan: ExamplePlan, s
         emitted, repeat = 0, 0
         while usable and emitted < target:
             for meta in usable:
-                if emitted >= target and emitted:
+                if emitted >= target:  # share filled (a source always gets at least its first piece)
                     break
                 # Position in the mixture: the middle of this visit's tokens, as a fraction of the source's share.
                 visits.append({**meta, "repeat": repeat, "order_key": (emitted + meta["num_tokens"] / 2) / target})
@@ -124,7 +124,6 @@ def _build_and_write(batch: Dict[str, np.ndarray], visits_by_piece: Dict[tuple, 
                      seed: int, out: str) -> Dict[str, list]:
     """Ray Data task: all visits of the pieces in `batch` -> one Parquet file each; returns their stats."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     stats = {k: [] for k in ("position", "file", "examples", "input_tokens", "label_tokens", "used_tokens", "denoisers")}
     for source, file_index, piece, tokens in zip(batch["source"], batch["file_index"], batch["piece"], batch["tokens"]):
@@ -181,15 +180,15 @@ def run_prepare(cfg: DataConfig, tokenizer_spec: str, out: str, force: bool = Fa
     if existing is not None:
         return existing
     tokenizer = load_tokenizer(tokenizer_spec)
+    if not getattr(tokenizer, "backend_tokenizer", None):
+        raise UserError(f"the tokenizer of {tokenizer_spec} is not a fast (Rust) tokenizer; t5adapt needs one "
+                        "(save it with tokenizer.json)")
     plan = make_plan(cfg, tokenizer)
     files = []
     for source_index, source in enumerate(cfg.corpus):
         for file_index, path in enumerate(list_files(source, f"data.corpus[{source_index}]")):
             files.append({"source": source_index, "file_index": file_index, "path": path,
                           "format": file_format(path, source.format), "text_field": source.text_field})
-    if not getattr(tokenizer, "backend_tokenizer", None):
-        raise UserError(f"the tokenizer of {tokenizer_spec} is not a fast (Rust) tokenizer; t5adapt needs one "
-                        "(save it with tokenizer.json)")
     ensure_ray()
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True
