@@ -109,9 +109,12 @@ def test_cli_user_error_exits_2_without_traceback():
 
 
 def test_every_command_has_help():
-    for argv in (["--help"], ["adapt", "--help"], ["config", "--help"], ["config", "show", "--help"]):
+    for argv in (["--help"], ["adapt", "--help"], ["prepare", "--help"], ["config", "--help"], ["config", "show", "--help"]):
         result = subprocess.run([sys.executable, "-m", "orchestrator.cli", *argv], cwd=REPO, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
         assert "usage: t5adapt" in result.stdout
     assert "builtin:gemma3-270m" in subprocess.run([sys.executable, "-m", "orchestrator.cli", "adapt", "--help"],
                                                    cwd=REPO, capture_output=True, text=True).stdout
+    prepare_help = subprocess.run([sys.executable, "-m", "orchestrator.cli", "prepare", "--help"],
+                                  cwd=REPO, capture_output=True, text=True).stdout
+    assert "--corpus" in prepare_help and "RAY_ADDRESS" in prepare_help
