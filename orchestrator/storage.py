@@ -4,9 +4,11 @@ boto3 for our own objects. The endpoint comes from boto3's usual settings (AWS_E
 profiles, instance roles), so a loopback S3 server in tests and AWS itself take the same code path.
 """
 
+import contextlib
+import fcntl
 import hashlib
 import os
-from typing import List, Tuple
+from typing import Iterator, List, Tuple
 
 from tqdm import tqdm
 
@@ -117,11 +119,31 @@ def cache_dir() -> str:
     return os.environ.get("T5ADAPT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "t5adapt"))
 
 
+@contextlib.contextmanager
+def cache_lock(name: str) -> Iterator[None]:
+    """Hold an exclusive lock on one cache entry across processes (ranks, actors, CLI runs on one
+    node): the first builds it, the others wait and then find it done."""
+    folder = os.path.join(cache_dir(), "locks")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, hashlib.sha256(name.encode()).hexdigest()[:16] + ".lock")
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def download_prefix(uri: str) -> str:
     """Copy every object under an s3:// prefix into the local cache, one file at a time.
 
     Returns the local directory. Files already present with the same size are not fetched again.
     """
+    with cache_lock(uri):
+        return _download_prefix(uri)
+
+
+def _download_prefix(uri: str) -> str:
     bucket, prefix = split_s3(uri)
     objects = _list_objects(uri)
     digest = hashlib.sha256(uri.encode()).hexdigest()[:12]

@@ -141,3 +141,29 @@ def test_s3_errors_name_the_prefix(s3_endpoint):
         build_in_memory(adapt_cfg("adapt.source=s3://models-missing/x"))
     with pytest.raises(UserError, match=r"s3:// has no bucket name"):
         build_in_memory(adapt_cfg("adapt.source=s3://"))
+
+
+def _materialise_in(cache, name, results):
+    os.environ["T5ADAPT_CACHE"] = cache
+    from jobs.adapt import builtin
+
+    path = builtin.materialise(name)
+    results.put(sorted(os.listdir(path)))
+
+
+def test_concurrent_processes_share_one_cache_entry(tmp_path):
+    """Training ranks and Ray actors on one node materialise the same source at once: one builds it,
+    the others wait for it (without the lock they tore down each other's staging directory)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    workers = [context.Process(target=_materialise_in, args=(str(tmp_path), "builtin:tiny-gemma2", results))
+               for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    assert [w.exitcode for w in workers] == [0, 0, 0]
+    listings = [results.get(timeout=5) for _ in workers]
+    assert listings[0] == listings[1] == listings[2] and "config.json" in listings[0]

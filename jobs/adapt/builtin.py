@@ -36,14 +36,15 @@ def materialise(name: str) -> str:
     """Make the builtin source exist in the local cache (once) and return its path."""
     from orchestrator.errors import UserError
 
-    if name == "builtin:gemma3-270m":
-        return _gemma3_270m()
-    if name not in _TINY:
+    if name not in NAMES:
         raise UserError(f"unknown builtin source {name}: choose one of {', '.join(NAMES)}")
-    path = os.path.join(storage.cache_dir(), "builtin", name.split(":", 1)[1])
-    if not os.path.isfile(os.path.join(path, "DONE")):
-        _write_tiny(path, _TINY[name])
-    return path
+    with storage.cache_lock(name):
+        if name == "builtin:gemma3-270m":
+            return _gemma3_270m()
+        path = os.path.join(storage.cache_dir(), "builtin", name.split(":", 1)[1])
+        if not os.path.isfile(os.path.join(path, "DONE")):
+            _write_tiny(path, _TINY[name])
+        return path
 
 
 def _gemma3_270m() -> str:

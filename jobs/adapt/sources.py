@@ -172,15 +172,21 @@ def _gguf_metadata(spec: str, gguf_path: str) -> str:
     """A directory with the GGUF's config and tokenizer in Hugging Face form.
 
     transformers parses every metadata field (262k-entry token tables for Gemma) to read a GGUF
-    config: about a minute on 2 cores. Done once per file (keyed by path, size and mtime), then cached.
+    config: about a minute on 2 cores. Done once per file (keyed by path, size and mtime), then cached;
+    concurrent callers (training ranks, actors) wait for the first.
     """
-    from transformers import AutoConfig, AutoTokenizer
-
     stat = os.stat(gguf_path)
     key = hashlib.sha256(f"{os.path.abspath(gguf_path)}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     path = os.path.join(storage.cache_dir(), "gguf-metadata", key)
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return path
+    with storage.cache_lock(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            _write_gguf_metadata(spec, gguf_path, path)
+    return path
+
+
+def _write_gguf_metadata(spec: str, gguf_path: str, path: str) -> None:
+    from transformers import AutoConfig, AutoTokenizer
+
     folder, name = os.path.split(os.path.abspath(gguf_path))
     print(f"reading GGUF metadata and tokenizer of {gguf_path} (once per file; about 1-2 min for Gemma 3 270M)", flush=True)
     try:
@@ -196,7 +202,6 @@ def _gguf_metadata(spec: str, gguf_path: str) -> str:
     tokenizer.save_pretrained(staging)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(staging, path)
-    return path
 
 
 def _tokenizer_or_error(spec: str, load):
