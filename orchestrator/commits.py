@@ -4,6 +4,7 @@ An output with the marker is finished work: reused when it was made from the sam
 overwritten silently otherwise. An output without it is an interrupted attempt and is redone.
 """
 
+import hashlib
 import json
 import logging
 import os
@@ -15,6 +16,15 @@ from orchestrator.errors import UserError
 
 COMMIT_MARKER = "COMMITTED"
 log = logging.getLogger("t5adapt")
+
+
+def config_digest(*parts) -> str:
+    """16 hex digits identifying what an output was made from: config dataclasses (as resolved YAML)
+    and plain strings, in order; None parts are skipped."""
+    from omegaconf import OmegaConf
+
+    text = "".join(p if isinstance(p, str) else OmegaConf.to_yaml(OmegaConf.structured(p)) for p in parts if p is not None)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def is_committed(out: str) -> bool:

@@ -6,7 +6,6 @@ Output (written to `<out>.partial`, renamed to `<out>` once complete, marker las
   shape, sha256), t5adapt_adapt.json (what later stages need: warm-up, layers, config hash), COMMITTED.
 """
 
-import hashlib
 import json
 import logging
 import os
@@ -15,7 +14,6 @@ from dataclasses import asdict
 from typing import Callable, Dict, List, Tuple
 
 import torch
-from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from jobs.adapt.config import AdaptConfig
@@ -23,20 +21,13 @@ from jobs.adapt.families import DESIGNS, Design
 from jobs.adapt.rules import name_seed
 from jobs.adapt.sources import Source, open_source
 from jobs.adapt.tensors import StreamingWriter, tensor_sha256
-from orchestrator.commits import commit, reusable, staging_dir
+from orchestrator.commits import commit, config_digest, reusable, staging_dir
 from orchestrator.errors import UserError
 
 log = logging.getLogger("t5adapt.adapt")
 MANIFEST = "adapt_manifest.json"
 STAGE_INFO = "t5adapt_adapt.json"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def config_hash(cfg: AdaptConfig, data_cfg=None) -> str:
-    text = OmegaConf.to_yaml(OmegaConf.structured(cfg))
-    if data_cfg is not None:
-        text += OmegaConf.to_yaml(OmegaConf.structured(data_cfg))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def open_sources(cfg: AdaptConfig) -> Dict[str, Source]:
@@ -127,7 +118,7 @@ def run_adapt(cfg: AdaptConfig, out: str, force: bool = False, data_cfg=None) ->
     A committed output made from the same adapt config is reused, an uncommitted one redone;
     committed output of another config is replaced only with force=True (orchestrator/commits.py).
     """
-    digest = config_hash(cfg, data_cfg)
+    digest = config_digest(cfg, data_cfg)
     if reusable(out, STAGE_INFO, digest, force) is not None:
         return out
     sources = open_sources(cfg)

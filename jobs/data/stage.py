@@ -10,7 +10,6 @@
 Then metadata.json (tokenizer, sentinels, denoiser table, lengths, counts) and COMMITTED, last.
 """
 
-import hashlib
 import json
 import logging
 import os
@@ -21,23 +20,17 @@ from dataclasses import asdict
 from typing import Dict, List
 
 import numpy as np
-from omegaconf import OmegaConf
 
 from jobs.data.config import DataConfig
 from jobs.data.corpus import BAD_REASONS, file_format, list_files, pieces, read_documents
 from jobs.data.examples import build_examples, count_examples
 from jobs.data.plan import ExamplePlan, denoising_tokens, make_plan
 from orchestrator import storage
-from orchestrator.commits import commit, reusable, staging_dir
+from orchestrator.commits import commit, config_digest, reusable, staging_dir
 from orchestrator.errors import UserError
 
 log = logging.getLogger("t5adapt.prepare")
 METADATA = "metadata.json"
-
-
-def config_hash(cfg: DataConfig, tokenizer_spec: str) -> str:
-    text = OmegaConf.to_yaml(OmegaConf.structured(cfg)) + tokenizer_spec
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 class TokenizeFiles:
@@ -175,7 +168,7 @@ def run_prepare(cfg: DataConfig, tokenizer_spec: str, out: str, force: bool = Fa
     from jobs.adapt.sources import load_tokenizer
     from orchestrator.ray_runtime import ensure_ray
 
-    digest = config_hash(cfg, tokenizer_spec)
+    digest = config_digest(cfg, tokenizer_spec)
     existing = reusable(out, METADATA, digest, force)
     if existing is not None:
         return existing
