@@ -5,11 +5,12 @@ import logging
 import os
 import sys
 
-from orchestrator.errors import UserError
+from orchestrator.errors import RunFailed, UserError
 
 _EPILOG = """examples:
   t5adapt adapt configs/quickstart.yaml                  # real Gemma 3 270M -> T5Gemma 2 270M-270M
   t5adapt adapt configs/tiny.yaml adapt.encoder_layers=every:2 --out /tmp/tiny-adapted
+  t5adapt train configs/tiny.yaml                        # prepare + adapt + train, resumable
   t5adapt config show configs/quickstart.yaml adapt.dtype=bfloat16
 
 Any config key can be overridden as key=value (dotted keys, e.g. adapt.decoder_layers=first:6).
@@ -61,6 +62,29 @@ def _parser() -> argparse.ArgumentParser:
     prepare.add_argument("--root", help="run root (default: $T5ADAPT_ROOT or ./runs)")
     prepare.add_argument("--force", action="store_true", help="replace an existing output made from another config")
 
+    train = commands.add_parser(
+        "train", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="train the adapted model on prepared examples (Ray Train + DeepSpeed ZeRO)",
+        description="Train an adapted encoder-decoder checkpoint on prepared UL2 / PrefixLM examples with\n"
+                    "Ray Train's TorchTrainer and DeepSpeed ZeRO (train.zero_stage), on the embedded local\n"
+                    "Ray (CPU workers, gloo) or a cluster (RAY_ADDRESS; train.use_gpu=true for NCCL + bf16).\n"
+                    "Missing default inputs are produced first: prepare (ROOT/NAME/data), then adapt\n"
+                    "(ROOT/NAME/adapted). Checkpoints (every train.checkpoint_every_steps, the newest\n"
+                    "train.keep_checkpoints kept) go to ROOT/NAME/train/checkpoints, or train.storage=s3://...\n"
+                    "At the end the final checkpoint is exported to ROOT/NAME/train/export, a Hugging Face\n"
+                    "directory. Every run is an MLflow run (default store: ROOT/mlflow.db).",
+        epilog="examples:\n  t5adapt train configs/tiny.yaml\n"
+               "  t5adapt train configs/quickstart.yaml train.max_steps=200 train.zero_stage=3\n"
+               "  RAY_ADDRESS=ray://head:10001 t5adapt train my.yaml train.use_gpu=true train.num_workers=16\n"
+               "Re-running the same command resumes from the newest intact checkpoint; a worker that dies\n"
+               "mid-run is restarted by Ray (train.max_failures times) from that checkpoint too.\n"
+               "Browse runs: mlflow ui --backend-store-uri sqlite:///ROOT/mlflow.db")
+    train.add_argument("config", metavar="CONFIG", help="YAML job config")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    train.add_argument("--root", help="run root (default: $T5ADAPT_ROOT or ./runs)")
+    train.add_argument("--force", action="store_true",
+                       help="delete checkpoints made from another training config and start over")
+
     config = commands.add_parser("config", help="inspect configs",
                                  description="Inspect job configs without running anything.")
     config_commands = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
@@ -109,6 +133,19 @@ def _prepare(args) -> None:
           f"(padding {metadata['padding_fraction']:.1%}, bad rows skipped: {bad['total']} {bad['by_reason']}): {out}")
 
 
+def _train(args) -> None:
+    from jobs.train.stage import run_train
+    from orchestrator.config import default_root, load_config
+
+    job = load_config(args.config, args.overrides)
+    summary = run_train(job, args.root or default_root(), force=args.force)
+    diff = summary["probe_max_abs_diff"]
+    print(f"trained to step {summary['step']}; checkpoints in {summary['storage']}/checkpoints")
+    print(f"exported: {summary['export']}" + (f" (reproduces the trained logits, max |diff| {diff:.2g})" if diff is not None else ""))
+    if summary["mlflow_run_id"]:
+        print(f"MLflow run {summary['mlflow_run_id']}")
+
+
 def _config_show(args) -> None:
     from orchestrator.config import load_config, to_yaml
 
@@ -126,12 +163,15 @@ def main(argv=None) -> int:
     if extra:
         args.overrides = list(args.overrides) + extra
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    handler = {"adapt": _adapt, "prepare": _prepare, "config": _config_show}[args.command]
+    handler = {"adapt": _adapt, "prepare": _prepare, "train": _train, "config": _config_show}[args.command]
     try:
         handler(args)
     except UserError as e:
         print(f"t5adapt: error: {e}", file=sys.stderr)
         return 2
+    except RunFailed as e:
+        print(f"t5adapt: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -18,6 +18,7 @@ from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBas
 
 from jobs.adapt.config import AdaptConfig
 from jobs.data.config import DataConfig
+from jobs.train.config import TrainConfig
 from orchestrator.errors import UserError
 from orchestrator.tracking import TrackingConfig
 
@@ -30,6 +31,7 @@ class JobConfig:
     name: str = MISSING
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self):

@@ -1,4 +1,4 @@
-"""The one exception type that means "the user asked for something we cannot do"."""
+"""Exceptions the command line shows as one clear line instead of a traceback."""
 
 
 class UserError(Exception):
@@ -6,3 +6,8 @@ class UserError(Exception):
 
     The message must name the thing (a dotted config key, a path, a tensor) and the fix.
     """
+
+
+class RunFailed(Exception):
+    """A run that started and then stopped for a reason we can name (a non-finite loss at step N, a
+    worker that kept dying): shown as one line, exit code 1. Its MLflow run is marked FAILED."""

@@ -8,6 +8,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import shutil
 from typing import Iterator, List, Tuple
 
 from tqdm import tqdm
@@ -172,3 +173,74 @@ def upload_dir(local: str, uri: str) -> None:
     for path in tqdm(files, desc=f"upload {uri}", unit="file"):
         key = "/".join(filter(None, [prefix, os.path.relpath(path, local).replace(os.sep, "/")]))
         client.upload_file(path, bucket, key)
+
+
+def put_file(local: str, uri: str) -> None:
+    """Copy one local file to a local path or an s3:// key (a local copy goes through a side name)."""
+    if is_s3(uri):
+        upload_file(local, uri)
+        return
+    os.makedirs(os.path.dirname(uri) or ".", exist_ok=True)
+    shutil.copyfile(local, uri + ".part")
+    os.replace(uri + ".part", uri)
+
+
+def list_children(uri: str) -> List[str]:
+    """Names of the entries directly under a local directory or an s3:// prefix, sorted ([] if none)."""
+    if not is_s3(uri):
+        return sorted(os.listdir(uri)) if os.path.isdir(uri) else []
+    bucket, prefix = split_s3(uri)
+    names = set()
+    pages = _client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/", Delimiter="/")
+    for page in pages:
+        names.update(p["Prefix"][len(prefix) + 1:].rstrip("/") for p in page.get("CommonPrefixes", []))
+        names.update(obj["Key"][len(prefix) + 1:] for obj in page.get("Contents", []))
+    return sorted(n for n in names if n)
+
+
+def delete_tree(uri: str) -> None:
+    """Remove a local directory or every object under an s3:// prefix; nothing there is fine."""
+    if is_s3(uri):
+        delete_prefix(uri)
+    else:
+        shutil.rmtree(uri, ignore_errors=True)
+
+
+def local_copy(uri: str) -> str:
+    """A local path holding `uri`'s tree: the directory itself, or an s3:// prefix's cached download."""
+    return download_prefix(uri) if is_s3(uri) else uri
+
+
+def arrow_filesystem(uri: str):
+    """(pyarrow filesystem or None, path) for readers that take one (Ray Data, Ray Train storage).
+
+    s3:// gets an S3FileSystem on boto3's endpoint setting (AWS_ENDPOINT_URL), so a loopback server
+    in tests and AWS take the same path; local paths need no filesystem object.
+    """
+    if not is_s3(uri):
+        return None, os.path.abspath(uri)
+    from pyarrow import fs
+
+    bucket, prefix = split_s3(uri)
+    endpoint = os.environ.get("AWS_ENDPOINT_URL")
+    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    kwargs = {"endpoint_override": endpoint} if endpoint else {}
+    if region:
+        kwargs["region"] = region
+    return fs.S3FileSystem(**kwargs), f"{bucket}/{prefix}".rstrip("/")
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def delete_file(uri: str) -> None:
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        _client().delete_object(Bucket=bucket, Key=key)
+    elif os.path.exists(uri):
+        os.remove(uri)

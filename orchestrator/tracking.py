@@ -36,23 +36,29 @@ def flatten(prefix: str, value) -> Dict[str, str]:
     return {prefix: str(value)[:6000]}  # MLflow's parameter value limit
 
 
+def experiment_id(cfg: TrackingConfig, root: str) -> str:
+    """The experiment's id, created on first use (a local store keeps artifacts in <root>/mlartifacts)."""
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(cfg, root)
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(cfg.experiment)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if uri.startswith("sqlite:///") and not cfg.uri:
+        location = "file://" + os.path.join(os.path.abspath(root), "mlartifacts")
+    return client.create_experiment(cfg.experiment, artifact_location=location)
+
+
 def log_stage_run(cfg: TrackingConfig, root: str, run_name: str, params: Dict[str, str], metrics: Dict[str, float],
                   artifacts: Iterable[str] = (), tags: Optional[Dict[str, str]] = None) -> str:
     """Record one finished stage as an MLflow run; returns its run id."""
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.tracking import MlflowClient
 
-    uri = tracking_uri(cfg, root)
-    client = MlflowClient(tracking_uri=uri)
-    experiment = client.get_experiment_by_name(cfg.experiment)
-    if experiment is None:
-        location = None
-        if uri.startswith("sqlite:///") and not cfg.uri:
-            location = "file://" + os.path.join(os.path.abspath(root), "mlartifacts")
-        experiment_id = client.create_experiment(cfg.experiment, artifact_location=location)
-    else:
-        experiment_id = experiment.experiment_id
-    run = client.create_run(experiment_id, run_name=run_name, tags=tags or {})
+    client = MlflowClient(tracking_uri=tracking_uri(cfg, root))
+    run = client.create_run(experiment_id(cfg, root), run_name=run_name, tags=tags or {})
     now = int(time.time() * 1000)
     client.log_batch(run.info.run_id,
                      metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],

@@ -1,0 +1,174 @@
+"""Training checkpoints as commits, in the run's storage (a local directory or an s3:// prefix).
+
+  STORAGE/checkpoints/step-000040/
+      ds/...                     DeepSpeed's files: every rank writes its own (ZeRO shards)
+      trainer_state.json         step, data position (micro-batches consumed), counters
+      probe.pt                   final checkpoint only: a batch and the logits the engine gave it
+      manifest.json              step, data position, config hash, sha256 and size of every file
+      COMMITTED                  written last; discovery ignores a directory without it
+
+Each rank saves into its own local scratch directory and copies its files to storage; the ranks'
+checksums are gathered, and rank 0 writes the manifest and then the marker. On resume, rank 0 walks
+the committed checkpoints newest first, re-hashes their files, and takes the first intact one; a
+damaged one is skipped with a warning naming it. After each commit only the newest
+train.keep_checkpoints stay.
+"""
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from typing import Dict, List, Optional
+
+from orchestrator import storage
+from orchestrator.commits import COMMIT_MARKER
+
+log = logging.getLogger("t5adapt.train")
+MANIFEST = "manifest.json"
+STATE = "trainer_state.json"
+PROBE = "probe.pt"
+DS_TAG = "ds"
+_NAME = re.compile(r"^step-(\d{6,})$")
+
+
+def folder(storage_root: str) -> str:
+    return storage.join(storage_root, "checkpoints")
+
+
+def step_dir(storage_root: str, step: int) -> str:
+    return storage.join(folder(storage_root), f"step-{step:06d}")
+
+
+def committed_steps(storage_root: str) -> List[int]:
+    """Steps of checkpoints that carry the marker, newest first (nothing is verified here)."""
+    steps = []
+    for name in storage.list_children(folder(storage_root)):
+        match = _NAME.match(name)
+        if match and storage.exists(storage.join(storage.join(folder(storage_root), name), COMMIT_MARKER)):
+            steps.append(int(match.group(1)))
+    return sorted(steps, reverse=True)
+
+
+def read_manifest(storage_root: str, step: int) -> dict:
+    return json.loads(storage.read_text(storage.join(step_dir(storage_root, step), MANIFEST)))
+
+
+def save(engine, storage_root: str, step: int, state: dict, config_hash: str, keep: int,
+         probe: Optional[dict] = None) -> str:
+    """Every rank calls this at the same step (DeepSpeed's save is collective). Returns the checkpoint URI."""
+    import torch
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    target = step_dir(storage_root, step)
+    scratch = tempfile.mkdtemp(prefix=f"t5adapt-ckpt-rank{rank}-")
+    try:
+        engine.save_checkpoint(scratch, tag=DS_TAG, save_latest=False)
+        if rank == 0:
+            with open(os.path.join(scratch, STATE), "w") as f:
+                json.dump(state, f, indent=1)
+            if probe is not None:
+                torch.save(probe, os.path.join(scratch, PROBE))
+            # A leftover of the same step (a crashed attempt, a damaged checkpoint being redone) goes
+            # first, marker before anything else, so no reader ever sees old and new files mixed.
+            _uncommit(target)
+            storage.delete_tree(target)
+        dist.barrier()
+        mine = {}
+        for path in _files(scratch):
+            rel = os.path.relpath(path, scratch).replace(os.sep, "/")
+            storage.put_file(path, storage.join(target, rel))
+            mine[rel] = {"sha256": storage.file_sha256(path), "bytes": os.path.getsize(path)}
+        gathered: List[Dict] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, mine)
+        if rank == 0:
+            files = {}
+            for part in gathered:
+                files.update(part)
+            manifest = {"step": step, "micro_batches": state["micro_batches"], "config_hash": config_hash,
+                        "world_size": dist.get_world_size(), "files": dict(sorted(files.items()))}
+            storage.write_text(storage.join(target, MANIFEST), json.dumps(manifest, indent=1))
+            storage.write_text(storage.join(target, COMMIT_MARKER), "")
+            _prune(storage_root, keep)
+        dist.barrier()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return target
+
+
+def _files(root: str) -> List[str]:
+    return sorted(os.path.join(d, f) for d, _, names in os.walk(root) for f in names)
+
+
+def _prune(storage_root: str, keep: int) -> None:
+    """Keep the newest `keep` committed checkpoints; drop older ones and torn leftovers below them."""
+    steps = committed_steps(storage_root)
+    if not steps:
+        return
+    kept = set(steps[:keep])
+    oldest_kept = min(kept)
+    for name in storage.list_children(folder(storage_root)):
+        match = _NAME.match(name)
+        if not match:
+            continue
+        step = int(match.group(1))
+        if step not in kept and (step < oldest_kept or step in steps):
+            path = storage.join(folder(storage_root), name)
+            _uncommit(path)
+            storage.delete_tree(path)
+
+
+def _uncommit(path: str) -> None:
+    """Marker first, so a crash halfway through deleting leaves a torn directory that discovery ignores."""
+    marker = storage.join(path, COMMIT_MARKER)
+    if storage.exists(marker):
+        storage.delete_file(marker)
+
+
+def verify(storage_root: str, step: int, local: str) -> Optional[str]:
+    """Check checkpoint `step` against its manifest, with its files under `local` (a local path).
+    Returns None when intact, else what is wrong."""
+    try:
+        manifest = read_manifest(storage_root, step)
+    except (OSError, ValueError, KeyError) as e:
+        return f"manifest unreadable ({e})"
+    for rel, expected in manifest["files"].items():
+        path = os.path.join(local, rel)
+        if not os.path.isfile(path):
+            return f"{rel} is missing"
+        if os.path.getsize(path) != expected["bytes"] or storage.file_sha256(path) != expected["sha256"]:
+            return f"{rel} does not match its checksum"
+    return None
+
+
+def fetch(storage_root: str, step: int) -> str:
+    """A local directory with checkpoint `step`'s files: the directory itself, or for s3:// a fresh
+    download of the files its manifest lists (never a cache: a redone step reuses the same names)."""
+    uri = step_dir(storage_root, step)
+    if not storage.is_s3(uri):
+        return uri
+    local = tempfile.mkdtemp(prefix=f"t5adapt-ckpt-{step}-")
+    for rel in read_manifest(storage_root, step)["files"]:
+        storage.download_file(storage.join(uri, rel), os.path.join(local, rel))
+    return local
+
+
+def newest_intact(storage_root: str) -> Optional[int]:
+    """The newest committed checkpoint whose files match their manifest; damaged ones are skipped
+    with a warning. None when there is none."""
+    for step in committed_steps(storage_root):
+        try:
+            local = fetch(storage_root, step)
+        except Exception as e:  # a listed object that cannot be read is damage too
+            problem = f"cannot read it ({e})"
+        else:
+            problem = verify(storage_root, step, local)
+            if local != step_dir(storage_root, step):
+                shutil.rmtree(local, ignore_errors=True)
+        if problem is None:
+            return step
+        log.warning("checkpoint %s is damaged (%s); falling back to the previous committed one",
+                    step_dir(storage_root, step), problem)
+    return None

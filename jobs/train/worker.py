@@ -1,0 +1,35 @@
+"""Ray Train's per-worker function: a thin adapter from Ray's context to loop.train."""
+
+import os
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """config = {"spec": RunSpec}. Sets the worker's environment, builds the WorkerContext, trains."""
+    spec = config["spec"]
+    os.environ.update(spec.env)
+    if not spec.train.use_gpu:
+        # DeepSpeed picks its accelerator at import: it must see this first (and gloo, set by the trainer).
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    import ray.train
+    import torch
+
+    from jobs.train import batches
+    from jobs.train.loop import WorkerContext, train
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    if spec.train.use_gpu:
+        device = torch.device("cuda", context.get_local_rank())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(max(1, int(spec.train.cpus_per_worker)))
+    shard = ray.train.get_dataset_shard(f"train_rank{rank}")
+    per_epoch = batches.batches_per_epoch(spec.num_examples, world, spec.train.micro_batch_size, spec.storage)
+    collate = batches.make_collate(spec.encoder_length, spec.decoder_length, spec.pad_id)
+
+    def micro_batches(start: int):
+        return batches.micro_batches(shard, start, per_epoch, spec.train.micro_batch_size, collate)
+
+    train(WorkerContext(rank=rank, world_size=world, device=device, micro_batches=micro_batches,
+                        report=lambda metrics: ray.train.report(metrics)), spec)
