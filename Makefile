@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/t5adapt adapt configs/quickstart.yaml
+	$(VENV)/bin/t5adapt train configs/quickstart.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -25,6 +25,8 @@ bench: $(STAMP)
 	$(PY) bench/adapt_memory.py
 	$(PY) bench/adapt_quality.py
 	$(PY) bench/prepare_throughput.py
+	$(PY) bench/train_overhead.py
+	$(PY) bench/adaptation_claim.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -85,6 +85,20 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--force", action="store_true",
                        help="delete checkpoints made from another training config and start over")
 
+    export = commands.add_parser(
+        "export", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="consolidate a training checkpoint's ZeRO shards into a Hugging Face directory",
+        description="Consolidate the ZeRO shards of a training checkpoint (default: the newest intact one)\n"
+                    "into a Hugging Face directory that plain transformers loads. `t5adapt train` does this\n"
+                    "at the end; this command does it on demand, e.g. for an earlier checkpoint or while a\n"
+                    "run is still going.",
+        epilog="example:\n  t5adapt export configs/tiny.yaml --step 10 --out /tmp/tiny-step10")
+    export.add_argument("config", metavar="CONFIG", help="the YAML job config the run was trained with")
+    export.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    export.add_argument("--step", type=int, help="checkpoint step (default: the newest intact one)")
+    export.add_argument("--out", help="output directory or s3:// prefix (default: STORAGE/export-stepN)")
+    export.add_argument("--root", help="run root (default: $T5ADAPT_ROOT or ./runs)")
+
     config = commands.add_parser("config", help="inspect configs",
                                  description="Inspect job configs without running anything.")
     config_commands = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
@@ -146,6 +160,15 @@ def _train(args) -> None:
         print(f"MLflow run {summary['mlflow_run_id']}")
 
 
+def _export(args) -> None:
+    from jobs.train.stage import export_checkpoint
+    from orchestrator.config import default_root, load_config
+
+    job = load_config(args.config, args.overrides)
+    info = export_checkpoint(job, args.root or default_root(), args.step, args.out)
+    print(f"exported checkpoint step {info['step']}: {info['out']}")
+
+
 def _config_show(args) -> None:
     from orchestrator.config import load_config, to_yaml
 
@@ -163,7 +186,8 @@ def main(argv=None) -> int:
     if extra:
         args.overrides = list(args.overrides) + extra
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    handler = {"adapt": _adapt, "prepare": _prepare, "train": _train, "config": _config_show}[args.command]
+    handler = {"adapt": _adapt, "prepare": _prepare, "train": _train, "export": _export,
+               "config": _config_show}[args.command]
     try:
         handler(args)
     except UserError as e:

@@ -49,6 +49,12 @@ def export(storage_root: str, step: int, init_dir: str, out: str, config_hash: s
     if done is not None:
         return done
     local_ckpt = checkpoints.fetch(storage_root, step)
+    problem = checkpoints.verify(storage_root, step, local_ckpt)
+    if problem:
+        from orchestrator.errors import UserError
+
+        raise UserError(f"checkpoint {checkpoints.step_dir(storage_root, step)} is damaged ({problem}): "
+                        "export an earlier one (t5adapt export --step N)")
     init_local = storage.local_copy(init_dir)
     local_out = tempfile.mkdtemp(prefix="t5adapt-export-") if storage.is_s3(out) else staging_dir(out)
     try:

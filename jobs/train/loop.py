@@ -21,6 +21,7 @@ from jobs.train.metrics import device_peak_flops, flops_per_example
 from jobs.train.schedule import count_parameters, param_groups, set_learning_rate
 
 log = logging.getLogger("t5adapt.train")
+STOPPED = "stopped.txt"  # in the storage root: why the last attempt stopped itself
 
 
 @dataclass
@@ -91,13 +92,11 @@ def train(ctx: WorkerContext, spec: RunSpec) -> dict:
             loss, by_denoiser = forward_loss(engine, batch, len(spec.denoiser_names))
             finite = all_ranks_finite(loss)
             if not finite and cfg.on_nonfinite_loss == "stop":
-                # Reported, not raised: Ray would retry an exception from the last checkpoint, and
+                # Returned, not raised: Ray would retry an exception from the last checkpoint, and
                 # this would only happen again. Every rank sees the same flag and stops here.
-                stopped = (f"loss is not finite at step {step + 1} (micro-batch {state['micro_batches'] + 1}): "
-                           "lower train.lr, check the data and the initial checkpoint, or set "
-                           "train.on_nonfinite_loss=skip")
-                ctx.report({"stopped": stopped, "step": step})
-                return dict(state, stopped=stopped)
+                return stop(ctx, spec, state, f"loss is not finite at step {step + 1} (micro-batch "
+                            f"{state['micro_batches'] + 1}): lower train.lr, check the data and the initial "
+                            "checkpoint, or set train.on_nonfinite_loss=skip")
             # A non-finite loss under "skip" still goes backward: its gradients are not finite, and
             # DeepSpeed's ZeRO optimizer discards any step whose gradient norm is not finite.
             engine.backward(loss)
@@ -118,6 +117,16 @@ def train(ctx: WorkerContext, spec: RunSpec) -> dict:
     if tracker:
         tracker.finished(state)
     return dict(state)
+
+
+def stop(ctx: WorkerContext, spec: RunSpec, state: dict, reason: str) -> dict:
+    """End the run on every rank without a retry; rank 0 leaves the reason for the driver."""
+    from orchestrator import storage
+
+    if ctx.rank == 0:
+        storage.write_text(storage.join(spec.storage, STOPPED), reason)
+    ctx.report({"step": state["step"]})
+    return dict(state, stopped=reason)
 
 
 def load_model(init_dir: str, cfg: TrainConfig) -> torch.nn.Module:

@@ -19,7 +19,7 @@ from typing import Optional
 
 from jobs.train import checkpoints
 from jobs.train.batches import ingest_options, rank_datasets, read_metadata
-from jobs.train.loop import RunSpec
+from jobs.train.loop import STOPPED, RunSpec
 from orchestrator import storage
 from orchestrator.commits import config_digest, is_committed
 from orchestrator.errors import RunFailed, UserError
@@ -63,6 +63,7 @@ def start_ray(cfg) -> None:
 def run_train(job, root: str, force: bool = False) -> dict:
     """Train `job` (a JobConfig) under `root`; returns a summary (final step, export path, MLflow run)."""
     where = locations(job, root)
+    check_explicit_inputs(job, where)
     start_ray(job.train)
     ensure_inputs(job, root, where)
     metadata = read_metadata(where["data"])
@@ -71,12 +72,14 @@ def run_train(job, root: str, force: bool = False) -> dict:
     trajectory = {k: v for k, v in asdict(job.train).items() if k not in _NOT_HASHED}
     config_hash = config_digest(adapt_info["config_hash"], metadata["config_hash"], json.dumps(trajectory, sort_keys=True))
     check_previous_checkpoints(where["storage"], config_hash, force)
+    if not storage.is_s3(where["storage"]):
+        os.makedirs(where["storage"], exist_ok=True)
     spec = _spec(job, root, where, metadata, adapt_info, config_hash)
     run_id = open_mlflow_run(job, root, where, spec)
     spec = replace(spec, mlflow_run_id=run_id)
-    done = checkpoints.committed_steps(where["storage"])
     try:
-        if not done or done[0] < job.train.max_steps:
+        done = checkpoints.newest_intact(where["storage"])
+        if done is None or done < job.train.max_steps:
             _fit(job, where, spec, metadata)
         final = checkpoints.newest_intact(where["storage"])
         if final is None:
@@ -93,14 +96,22 @@ def run_train(job, root: str, force: bool = False) -> dict:
             "probe_max_abs_diff": info.get("probe_max_abs_diff"), "storage": where["storage"]}
 
 
-def ensure_inputs(job, root: str, where: dict) -> None:
-    """Produce missing default inputs (prepare, then adapt); an explicit input must already exist."""
-    for key, stage in (("data", "prepare"), ("init", "adapt")):
-        if is_committed(where[key]):
-            continue
-        if getattr(job.train, key) is not None:
+_PRODUCERS = (("data", "prepare"), ("init", "adapt"))
+
+
+def check_explicit_inputs(job, where: dict) -> None:
+    """An input the config names must already be finished work (default ones are produced)."""
+    for key, stage in _PRODUCERS:
+        if getattr(job.train, key) is not None and not is_committed(where[key]):
             raise UserError(f"train.{key}={where[key]} holds no finished {stage} output (no COMMITTED marker): "
                             f"run `t5adapt {stage}` with --out {where[key]}, or drop train.{key} to build it in the run directory")
+
+
+def ensure_inputs(job, root: str, where: dict) -> None:
+    """Produce missing default inputs: prepare, then adapt."""
+    for key, stage in _PRODUCERS:
+        if is_committed(where[key]):
+            continue
         print(f"train: {where[key]} is missing; running {stage} first", flush=True)
         if stage == "prepare":
             from jobs.data.stage import log_to_mlflow, run_prepare
@@ -188,15 +199,16 @@ def _fit(job, where: dict, spec: RunSpec, metadata: dict) -> None:
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
         datasets=rank_datasets(where["data"], metadata, cfg.num_workers),
         dataset_config=DataConfig(datasets_to_split=[], execution_options=ingest_options()))
+    stopped = storage.join(where["storage"], STOPPED)
+    storage.delete_file(stopped)
     started = time.time()
     try:
-        result = trainer.fit()
+        trainer.fit()
     except ray.train.TrainingFailedError as e:
         raise RunFailed(f"training failed after {cfg.max_failures} restart(s): {_root_cause(e)} "
                         f"(checkpoints so far: {checkpoints.folder(where['storage'])}; re-run to resume)") from e
-    stopped = (result.metrics or {}).get("stopped")
-    if stopped:
-        raise RunFailed(f"training stopped: {stopped}")
+    if storage.exists(stopped):
+        raise RunFailed(f"training stopped: {storage.read_text(stopped)}")
     log.info("training finished in %.0f s", time.time() - started)
 
 
@@ -241,8 +253,6 @@ def open_mlflow_run(job, root: str, where: dict, spec: RunSpec) -> Optional[str]
     for start in range(0, len(items), 90):  # MLflow takes at most 100 params per batch
         client.log_batch(run.info.run_id, params=items[start:start + 90])
     client.log_batch(run.info.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-    if not storage.is_s3(run_file):
-        os.makedirs(where["storage"], exist_ok=True)
     storage.write_text(run_file, json.dumps({"run_id": run.info.run_id, "config_hash": spec.config_hash,
                                              "tracking_uri": spec.tracking_uri}))
     return run.info.run_id
@@ -258,3 +268,22 @@ def close_mlflow_run(spec: RunSpec, status: str, error: str = "", export: str = 
     tags = {"t5adapt.error": error[:5000]} if error else {"t5adapt.export": export, "t5adapt.final_step": str(step)}
     client.log_batch(spec.mlflow_run_id, tags=[RunTag(k, v) for k, v in tags.items()])
     client.set_terminated(spec.mlflow_run_id, status)
+
+
+def export_checkpoint(job, root: str, step: Optional[int] = None, out: Optional[str] = None) -> dict:
+    """Export checkpoint `step` (default: the newest intact one) of `job`'s training storage."""
+    from jobs.train.export import export
+
+    where = locations(job, root)
+    steps = checkpoints.committed_steps(where["storage"])
+    if step is None:
+        step = checkpoints.newest_intact(where["storage"])
+        if step is None:
+            raise UserError(f"{checkpoints.folder(where['storage'])} holds no intact checkpoint: train first")
+    elif step not in steps:
+        raise UserError(f"no committed checkpoint for step {step} in {checkpoints.folder(where['storage'])} "
+                        f"(committed: {', '.join(map(str, steps)) or 'none'})")
+    out = out or storage.join(where["storage"], f"export-step{step}")
+    config_hash = checkpoints.read_manifest(where["storage"], step)["config_hash"]
+    info = export(where["storage"], step, where["init"], out, config_hash)
+    return dict(info, out=out)

@@ -1,0 +1,269 @@
+"""The train stage end to end on a real local Ray cluster (2 CPU workers, gloo), real DeepSpeed,
+a real MLflow store and a real S3 endpoint on loopback, with the tiny Gemma 3 / Gemma 2 models."""
+
+import json
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from orchestrator.cli import main
+from orchestrator.config import load_config
+
+TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(s3_endpoint):
+    """3 logical CPUs: two training workers plus Ray Data's readers (Ray starts after the S3
+    server, so its workers inherit the endpoint and test credentials)."""
+    import ray
+
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _mlflow(root):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(f"sqlite:///{os.path.abspath(root)}/mlflow.db")
+
+
+def _train_run(root, name):
+    client = _mlflow(root)
+    experiment = client.get_experiment_by_name("t5adapt")
+    runs = client.search_runs([experiment.experiment_id], f"attributes.run_name = '{name}/train'")
+    assert len(runs) == 1
+    return client, runs[0]
+
+
+def _loss_by_step(client, run_id, key="loss"):
+    """The last logged value per step (a replayed step after a restart overrides the first try)."""
+    history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)
+    return {m.step: m.value for m in history}
+
+
+@pytest.fixture(scope="module")
+def reference(ray_cluster, tmp_path_factory):
+    """`t5adapt train configs/tiny.yaml` in an empty root: prepare, adapt, then 30 ZeRO-2 steps."""
+    root = str(tmp_path_factory.mktemp("train-ref"))
+    assert main(["train", TINY, "--root", root]) == 0
+    client, run = _train_run(root, "tiny")
+    return {"root": root, "client": client, "run": run, "losses": _loss_by_step(client, run.info.run_id)}
+
+
+def test_train_from_empty_root_learns_tracks_and_exports(reference):
+    from transformers import AutoModelForSeq2SeqLM
+
+    from jobs.train import checkpoints
+
+    root, client, run = reference["root"], reference["client"], reference["run"]
+    losses = reference["losses"]
+    assert sorted(losses) == list(range(1, 31))
+    first, last = np.mean([losses[s] for s in (1, 2, 3)]), np.mean([losses[s] for s in (28, 29, 30)])
+    assert last < first - 0.5, (first, last)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.zero_stage"] == "2" and run.data.params["data.encoder_length"] == "64"
+    for key in ("lr", "grad_norm", "tokens_per_s", "step_time_s", "mfu", "data_wait_fraction", "loss_by_denoiser/S",
+                "loss_by_denoiser/X64_r0.5", "params_trainable"):
+        assert key in run.data.metrics, key
+    assert 0 < run.data.metrics["mfu"] < 1 and 0 <= run.data.metrics["data_wait_fraction"] < 1
+    # The prepare stage logged its own run beside it.
+    assert client.search_runs([run.info.experiment_id], "attributes.run_name = 'tiny/prepare'")
+
+    storage = os.path.join(root, "tiny", "train")
+    assert checkpoints.committed_steps(storage) == [30, 20]  # keep_checkpoints=2: step 10 pruned
+    assert sorted(os.listdir(os.path.join(storage, "checkpoints"))) == ["step-000020", "step-000030"]
+    for step in (20, 30):
+        assert checkpoints.verify(storage, step, checkpoints.step_dir(storage, step)) is None
+        manifest = checkpoints.read_manifest(storage, step)
+        assert manifest["step"] == step and manifest["micro_batches"] == step and manifest["world_size"] == 2
+        assert any(name.startswith("ds/zero_pp_rank_1") for name in manifest["files"])  # rank 1's shard is in
+    assert run.data.tags["t5adapt.last_checkpoint"] == checkpoints.step_dir(storage, 30)
+
+    # The export loads with plain transformers and reproduces the engine's logits on the probe batch.
+    export = os.path.join(storage, "export")
+    model = AutoModelForSeq2SeqLM.from_pretrained(export, dtype=torch.float32).eval()
+    probe = torch.load(os.path.join(checkpoints.step_dir(storage, 30), checkpoints.PROBE))
+    with torch.no_grad():
+        logits = model(**probe["inputs"]).logits
+    assert torch.equal(logits, probe["logits"])
+    # ... and it is the trained model, not the initial one.
+    initial = AutoModelForSeq2SeqLM.from_pretrained(os.path.join(root, "tiny", "adapted"), dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert not torch.equal(initial(**probe["inputs"]).logits, logits)
+    info = json.load(open(os.path.join(export, "t5adapt_train.json")))
+    assert info["step"] == 30 and info["probe_max_abs_diff"] == 0.0
+
+
+def _kill_a_worker_after(path, stop):
+    """Wait for `path` (a commit marker), then SIGKILL one Ray Train worker process."""
+    import psutil
+
+    while not stop.is_set():
+        if os.path.exists(path):
+            for process in psutil.process_iter(["cmdline"]):
+                if "RayTrainWorker" in " ".join(process.info["cmdline"] or []):
+                    process.kill()
+                    stop.kill_time = time.time()
+                    return
+        time.sleep(0.02)
+
+
+def test_killed_worker_recovers_and_replays_the_same_losses(reference):
+    root = str(reference["root"]) + "-killed"
+    data, init = (os.path.join(reference["root"], "tiny", d) for d in ("data", "adapted"))
+    marker = os.path.join(root, "tiny", "train", "checkpoints", "step-000010", "COMMITTED")
+    stop = threading.Event()
+    killer = threading.Thread(target=_kill_a_worker_after, args=(marker, stop), daemon=True)
+    killer.start()
+    try:
+        assert main(["train", TINY, "--root", root, f"train.data={data}", f"train.init={init}"]) == 0
+    finally:
+        stop.set()
+    assert hasattr(stop, "kill_time"), "no worker was killed"
+    client, run = _train_run(root, "tiny")
+    resumed = [m.value for m in client.get_metric_history(run.info.run_id, "resumed_from_step")]
+    assert resumed and resumed[0] in (10, 20), resumed  # Ray restarted the group; it resumed by itself
+    losses = _loss_by_step(client, run.info.run_id)
+    # Bitwise: same data per rank and position, same reduction order (gloo, same world size), fp32.
+    assert losses == reference["losses"]
+
+
+def test_zero3_on_s3_resumes_from_previous_checkpoint_when_newest_is_corrupt(ray_cluster, reference, tmp_path):
+    import boto3
+
+    from jobs.train import checkpoints
+    from jobs.train.stage import run_train
+    from orchestrator import storage
+
+    boto3.client("s3").create_bucket(Bucket="train-ckpt")
+    root = str(tmp_path)
+    data, init = (os.path.join(reference["root"], "tiny", d) for d in ("data", "adapted"))
+    overrides = ["train.zero_stage=3", "train.max_steps=8", "train.checkpoint_every_steps=4",
+                 "train.storage=s3://train-ckpt/runs/tiny-z3", f"train.data={data}", f"train.init={init}"]
+    job = load_config(TINY, overrides)
+    first = run_train(job, root)
+    assert first["step"] == 8 and first["probe_max_abs_diff"] == 0.0
+    assert checkpoints.committed_steps("s3://train-ckpt/runs/tiny-z3") == [8, 4]
+    client, run = _train_run(root, "tiny")
+    losses = _loss_by_step(client, run.info.run_id)
+    assert np.mean([losses[7], losses[8]]) < np.mean([losses[1], losses[2]]) - 0.3, losses
+
+    # Flip bytes in one ZeRO-3 shard of the newest checkpoint, keeping its size.
+    newest = checkpoints.step_dir("s3://train-ckpt/runs/tiny-z3", 8)
+    shard = next(name for name in checkpoints.read_manifest("s3://train-ckpt/runs/tiny-z3", 8)["files"]
+                 if "zero_pp_rank_1" in name and "optim" in name)
+    bucket, key = storage.split_s3(storage.join(newest, shard))
+    body = bytearray(boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read())
+    body[len(body) // 2:len(body) // 2 + 64] = bytes(64)
+    boto3.client("s3").put_object(Bucket=bucket, Key=key, Body=bytes(body))
+
+    again = run_train(job, root)  # the same command again
+    assert again["step"] == 8 and again["mlflow_run_id"] == run.info.run_id  # the same MLflow run, reopened
+    resumed = [m.value for m in client.get_metric_history(run.info.run_id, "resumed_from_step")]
+    assert resumed == [4]  # the damaged step 8 was skipped for step 4
+    replayed = _loss_by_step(client, run.info.run_id)
+    assert [replayed[s] for s in range(5, 9)] == [losses[s] for s in range(5, 9)]
+    assert checkpoints.verify("s3://train-ckpt/runs/tiny-z3", 8, checkpoints.fetch("s3://train-ckpt/runs/tiny-z3", 8)) is None
+    from transformers import AutoModelForSeq2SeqLM
+
+    exported = storage.download_prefix("s3://train-ckpt/runs/tiny-z3/export")
+    AutoModelForSeq2SeqLM.from_pretrained(exported)
+
+
+UNBALANCED = ["adapt.source=builtin:tiny-gemma2", "adapt.decoder_source=builtin:tiny-gemma2-narrow", "name=tiny-t5gemma"]
+
+
+def test_unbalanced_pair_warms_up_cross_attention_alone(ray_cluster, tmp_path):
+    """T5Gemma (Gemma 2), 1 worker, ZeRO-1: for train.cross_attn_warmup_steps only cross-attention
+    moves; afterwards everything trains."""
+    from jobs.train.export import consolidated_state
+    from jobs.train import checkpoints
+    from safetensors.torch import load_file
+
+    root = str(tmp_path)
+    overrides = UNBALANCED + ["train.num_workers=1", "train.zero_stage=1", "train.max_steps=3",
+                              "train.cross_attn_warmup_steps=2", "train.checkpoint_every_steps=1",
+                              "train.keep_checkpoints=3", "train.lr=0.01", "train.warmup_steps=0"]
+    assert main(["train", TINY, "--root", root] + overrides) == 0
+    storage = os.path.join(root, "tiny-t5gemma", "train")
+    adapted = os.path.join(root, "tiny-t5gemma", "adapted")
+    initial = {}
+    for name in os.listdir(adapted):
+        if name.endswith(".safetensors"):
+            initial.update(load_file(os.path.join(adapted, name)))
+    after_warmup = consolidated_state(checkpoints.step_dir(storage, 2))
+    after_all = consolidated_state(checkpoints.step_dir(storage, 3))
+    cross = [k for k in initial if "cross_attn" in k]
+    rest = [k for k in initial if "cross_attn" not in k and k in after_warmup]
+    assert cross and rest
+    assert all(torch.equal(after_warmup[k], initial[k]) for k in rest)
+    assert all(not torch.equal(after_warmup[k], initial[k]) for k in cross if k.endswith("proj.weight"))
+    assert sum(not torch.equal(after_all[k], initial[k]) for k in rest) > len(rest) // 2
+    client, run = _train_run(root, "tiny-t5gemma")
+    counts = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "params_frozen")}
+    assert counts[0] > 0 and counts[2] == 0
+    assert run.data.params["resolved.cross_attn_warmup_steps"] == "2"
+
+
+@pytest.fixture(scope="module")
+def poisoned_init(reference, tmp_path_factory):
+    """The tiny adapted checkpoint with NaN in the encoder's final norm: every loss is NaN."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    path = str(tmp_path_factory.mktemp("poisoned") / "adapted")
+    shutil.copytree(os.path.join(reference["root"], "tiny", "adapted"), path)
+    for name in os.listdir(path):
+        if name.endswith(".safetensors"):
+            tensors = load_file(os.path.join(path, name))
+            hits = [k for k in tensors if k.endswith("encoder.text_model.norm.weight")]
+            for k in hits:
+                tensors[k] = torch.full_like(tensors[k], float("nan"))
+            if hits:
+                save_file(tensors, os.path.join(path, name), metadata={"format": "pt"})
+    return path
+
+
+def _one_worker(reference, init, *extra):
+    data = os.path.join(reference["root"], "tiny", "data")
+    return ["train.num_workers=1", "train.zero_stage=1", "train.max_steps=2", f"train.data={data}",
+            f"train.init={init}"] + list(extra)
+
+
+def test_nonfinite_loss_stops_naming_the_step(reference, poisoned_init, tmp_path, capsys):
+    root = str(tmp_path)
+    assert main(["train", TINY, "--root", root] + _one_worker(reference, poisoned_init)) == 1
+    err = capsys.readouterr().err
+    assert "loss is not finite at step 1" in err and "train.on_nonfinite_loss=skip" in err
+    _, run = _train_run(root, "tiny")
+    assert run.info.status == "FAILED" and "step 1" in run.data.tags["t5adapt.error"]
+
+
+def test_nonfinite_loss_skip_discards_steps_and_counts_them(reference, poisoned_init, tmp_path):
+    from jobs.train.stage import run_train
+
+    job = load_config(TINY, _one_worker(reference, poisoned_init, "train.on_nonfinite_loss=skip"))
+    run_train(job, str(tmp_path))
+    client, run = _train_run(str(tmp_path), "tiny")
+    assert run.info.status == "FINISHED" and run.data.metrics["skipped_steps"] == 2
+
+
+def test_export_on_demand_writes_an_earlier_checkpoint(reference, tmp_path, capsys):
+    from transformers import AutoModelForSeq2SeqLM
+
+    root = reference["root"]
+    out = str(tmp_path / "step20")
+    assert main(["export", TINY, "--root", root, "--step", "20", "--out", out]) == 0
+    assert json.load(open(os.path.join(out, "t5adapt_train.json")))["step"] == 20
+    step20 = AutoModelForSeq2SeqLM.from_pretrained(out)
+    final = AutoModelForSeq2SeqLM.from_pretrained(os.path.join(root, "tiny", "train", "export"))
+    assert not torch.equal(step20.lm_head.weight, final.lm_head.weight)
+    assert main(["export", TINY, "--root", root, "--step", "10"]) == 2  # pruned: keep_checkpoints=2
+    assert "no committed checkpoint for step 10" in capsys.readouterr().err
