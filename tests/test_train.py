@@ -180,8 +180,8 @@ UNBALANCED = ["adapt.source=builtin:tiny-gemma2", "adapt.decoder_source=builtin:
 
 
 def test_unbalanced_pair_warms_up_cross_attention_alone(ray_cluster, tmp_path):
-    """T5Gemma (Gemma 2), 1 worker, ZeRO-1: for train.cross_attn_warmup_steps only cross-attention
-    moves; afterwards everything trains."""
+    """T5Gemma (Gemma 2), 1 worker, ZeRO-1, activation checkpointing: for train.cross_attn_warmup_steps
+    only cross-attention moves; afterwards everything trains."""
     from jobs.train.export import consolidated_state
     from jobs.train import checkpoints
     from safetensors.torch import load_file
@@ -189,7 +189,8 @@ def test_unbalanced_pair_warms_up_cross_attention_alone(ray_cluster, tmp_path):
     root = str(tmp_path)
     overrides = UNBALANCED + ["train.num_workers=1", "train.zero_stage=1", "train.max_steps=3",
                               "train.cross_attn_warmup_steps=2", "train.checkpoint_every_steps=1",
-                              "train.keep_checkpoints=3", "train.lr=0.01", "train.warmup_steps=0"]
+                              "train.keep_checkpoints=3", "train.lr=0.01", "train.warmup_steps=0",
+                              "train.activation_checkpointing=true"]
     assert main(["train", TINY, "--root", root] + overrides) == 0
     storage = os.path.join(root, "tiny-t5gemma", "train")
     adapted = os.path.join(root, "tiny-t5gemma", "adapted")

@@ -10,9 +10,11 @@
   5. export: the final checkpoint as a Hugging Face directory (STORAGE/export).
 """
 
+import contextlib
 import json
 import logging
 import os
+import threading
 import time
 from dataclasses import asdict, replace
 from typing import Optional
@@ -181,7 +183,7 @@ def _spec(job, root: str, where: dict, metadata: dict, adapt_info: dict, config_
 
 def _fit(job, where: dict, spec: RunSpec, metadata: dict) -> None:
     import ray.train
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from jobs.train.batches import batches_per_epoch
@@ -189,27 +191,62 @@ def _fit(job, where: dict, spec: RunSpec, metadata: dict) -> None:
     cfg = job.train
     batches_per_epoch(metadata["num_examples"], cfg.num_workers, cfg.micro_batch_size, where["data"])  # fail early
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.use_gpu else {})}
+    # Ray keeps its run state under STORAGE/ray; the checkpoints themselves are ours (checkpoints.py),
+    # because resuming must verify them and fall back past a damaged one, which Ray's cannot.
     filesystem, ray_storage = storage.arrow_filesystem(storage.join(where["storage"], "ray"))
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config={"spec": spec},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         run_config=RunConfig(name=job.name, storage_path=ray_storage, storage_filesystem=filesystem,
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
+                             failure_config=FailureConfig(max_failures=cfg.max_failures)),
         datasets=rank_datasets(where["data"], metadata, cfg.num_workers),
         dataset_config=DataConfig(datasets_to_split=[], execution_options=ingest_options()))
     stopped = storage.join(where["storage"], STOPPED)
     storage.delete_file(stopped)
     started = time.time()
     try:
-        trainer.fit()
+        with progress_bar(spec, cfg.max_steps):
+            trainer.fit()
     except ray.train.TrainingFailedError as e:
         raise RunFailed(f"training failed after {cfg.max_failures} restart(s): {_root_cause(e)} "
                         f"(checkpoints so far: {checkpoints.folder(where['storage'])}; re-run to resume)") from e
     if storage.exists(stopped):
         raise RunFailed(f"training stopped: {storage.read_text(stopped)}")
     log.info("training finished in %.0f s", time.time() - started)
+
+
+@contextlib.contextmanager
+def progress_bar(spec: RunSpec, total_steps: int):
+    """A progress bar on the driver, fed from the MLflow run rank 0 logs to (worker output does not
+    reach the driver): step, loss, tokens/s. Nothing without tracking."""
+    if not spec.mlflow_run_id:
+        yield
+        return
+    from mlflow.tracking import MlflowClient
+    from tqdm import tqdm
+
+    client, done = MlflowClient(tracking_uri=spec.tracking_uri), threading.Event()
+
+    def follow():
+        with tqdm(total=total_steps, desc="train", unit="step") as bar:
+            while not done.wait(2.0):
+                try:
+                    metrics = client.get_run(spec.mlflow_run_id).data.metrics
+                except Exception:  # a busy store: try again on the next tick
+                    continue
+                if "loss" in metrics:
+                    step = max(m.step for m in client.get_metric_history(spec.mlflow_run_id, "loss"))
+                    bar.update(max(0, step - bar.n))
+                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", tokens_per_s=f"{metrics.get('tokens_per_s', 0):.0f}")
+
+    thread = threading.Thread(target=follow, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 def _root_cause(error: BaseException) -> str:
