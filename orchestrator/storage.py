@@ -7,6 +7,7 @@ profiles, instance roles), so a loopback S3 server in tests and AWS itself take 
 import contextlib
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 from typing import Iterator, List, Tuple
@@ -34,7 +35,8 @@ def _client():
     return boto3.client("s3")
 
 
-def _list_objects(uri: str) -> List[Tuple[str, int]]:
+def _list_objects(uri: str) -> List[Tuple[str, int, str]]:
+    """(key, size, ETag) of every object under an s3:// prefix."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     bucket, prefix = split_s3(uri)
@@ -42,7 +44,7 @@ def _list_objects(uri: str) -> List[Tuple[str, int]]:
     try:
         pages = _client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/" if prefix else "")
         for page in pages:
-            keys += [(obj["Key"], obj["Size"]) for obj in page.get("Contents", [])]
+            keys += [(obj["Key"], obj["Size"], obj.get("ETag", "")) for obj in page.get("Contents", [])]
     except (BotoCoreError, ClientError) as e:
         raise UserError(f"cannot list {uri}: {e} (check the bucket name, credentials and AWS_ENDPOINT_URL)") from None
     if not keys:
@@ -53,7 +55,7 @@ def _list_objects(uri: str) -> List[Tuple[str, int]]:
 def list_files(uri: str) -> List[str]:
     """Every object under an s3:// prefix, as s3:// URIs, sorted."""
     bucket, _ = split_s3(uri)
-    return sorted(f"s3://{bucket}/{key}" for key, _ in _list_objects(uri) if not key.endswith("/"))
+    return sorted(f"s3://{bucket}/{key}" for key, _, _ in _list_objects(uri) if not key.endswith("/"))
 
 
 def download_file(uri: str, local: str) -> None:
@@ -138,7 +140,8 @@ def cache_lock(name: str) -> Iterator[None]:
 def download_prefix(uri: str) -> str:
     """Copy every object under an s3:// prefix into the local cache, one file at a time.
 
-    Returns the local directory. Files already present with the same size are not fetched again.
+    Returns the local directory. Files already present with the same ETag (recorded beside the
+    directory) are not fetched again; an object rewritten in place, even at the same size, is.
     """
     with cache_lock(uri):
         return _download_prefix(uri)
@@ -150,18 +153,23 @@ def _download_prefix(uri: str) -> str:
     digest = hashlib.sha256(uri.encode()).hexdigest()[:12]
     local = os.path.join(cache_dir(), "s3", bucket, (prefix.replace("/", "_") or "root") + "-" + digest)
     client = _client()
-    total = sum(size for _, size in objects)
+    etags_path = local + ".etags.json"
+    etags = json.load(open(etags_path)) if os.path.isfile(etags_path) else {}
+    total = sum(size for _, size, _ in objects)
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {uri}") as bar:
-        for key, size in objects:
+        for key, size, etag in objects:
             rel = key[len(prefix):].lstrip("/") if prefix else key
             path = os.path.join(local, rel)
-            if os.path.isfile(path) and os.path.getsize(path) == size:
+            if os.path.isfile(path) and os.path.getsize(path) == size and etag and etags.get(rel) == etag:
                 bar.update(size)
                 continue
             os.makedirs(os.path.dirname(path), exist_ok=True)
             # Download to a side name and rename, so an interrupted copy is never taken as whole.
             client.download_file(bucket, key, path + ".part", Callback=bar.update)
             os.replace(path + ".part", path)
+            etags[rel] = etag
+            with open(etags_path, "w") as f:
+                json.dump(etags, f)
     return local
 
 

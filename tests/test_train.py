@@ -207,8 +207,11 @@ def test_unbalanced_pair_warms_up_cross_attention_alone(ray_cluster, tmp_path):
     assert all(not torch.equal(after_warmup[k], initial[k]) for k in cross if k.endswith("proj.weight"))
     assert sum(not torch.equal(after_all[k], initial[k]) for k in rest) > len(rest) // 2
     client, run = _train_run(root, "tiny-t5gemma")
-    counts = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "params_frozen")}
-    assert counts[0] > 0 and counts[2] == 0
+    frozen = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "params_frozen")}
+    trainable = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "params_trainable")}
+    total = sum(t.numel() for t in initial.values())
+    assert trainable[0] == sum(initial[k].numel() for k in cross) and frozen[0] == total - trainable[0]
+    assert trainable[2] == total and frozen[2] == 0
     assert run.data.params["resolved.cross_attn_warmup_steps"] == "2"
 
 
@@ -250,10 +253,20 @@ def test_nonfinite_loss_stops_naming_the_step(reference, poisoned_init, tmp_path
 def test_nonfinite_loss_skip_discards_steps_and_counts_them(reference, poisoned_init, tmp_path):
     from jobs.train.stage import run_train
 
+    from safetensors.torch import load_file
+
     job = load_config(TINY, _one_worker(reference, poisoned_init, "train.on_nonfinite_loss=skip"))
-    run_train(job, str(tmp_path))
+    summary = run_train(job, str(tmp_path))
     client, run = _train_run(str(tmp_path), "tiny")
     assert run.info.status == "FINISHED" and run.data.metrics["skipped_steps"] == 2
+    # DeepSpeed really discarded the steps: every weight is still the initial one (NaN where poisoned).
+    initial = {}
+    for name in os.listdir(poisoned_init):
+        if name.endswith(".safetensors"):
+            initial.update(load_file(os.path.join(poisoned_init, name)))
+    exported = load_file(os.path.join(summary["export"], "model.safetensors"))
+    assert set(initial) <= set(exported)
+    assert all(torch.equal(exported[k].nan_to_num(7.0), initial[k].nan_to_num(7.0)) for k in initial)
 
 
 def test_export_on_demand_writes_an_earlier_checkpoint(reference, tmp_path, capsys):

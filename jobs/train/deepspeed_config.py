@@ -16,6 +16,7 @@ _OWNED = {
     "zero_optimization.offload_optimizer": "train.offload_optimizer",
     "zero_optimization.offload_param": "train.offload_params",
     "bf16": "train.precision",
+    "bfloat16": "train.precision",
     "fp16": "train.precision",
     "optimizer": "train.lr / train.adam_* / train.weight_decay (t5adapt builds AdamW itself)",
     "scheduler": "train.schedule / train.warmup_steps (t5adapt sets the learning rate each step)",

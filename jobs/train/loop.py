@@ -66,7 +66,8 @@ def train(ctx: WorkerContext, spec: RunSpec) -> dict:
     groups = param_groups(model, spec.cross_attn_patterns, cfg.weight_decay)
     warmup = spec.cross_attn_warmup_steps
     flops = flops_per_example(model, spec.encoder_length, spec.decoder_length)
-    counts_at_start = count_parameters(groups, 0, warmup)
+    # Counted before DeepSpeed replaces each group's params with this rank's flat partition.
+    counts = {phase: count_parameters(groups, step, warmup) for phase, step in (("warmup", 0), ("full", warmup))}
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                    config=build_deepspeed_config(cfg))
@@ -74,7 +75,7 @@ def train(ctx: WorkerContext, spec: RunSpec) -> dict:
     peak = device_peak_flops(cfg.peak_tflops_per_device, ctx.device)
     tracker = RankZeroTracker(spec, ctx, peak, flops) if ctx.rank == 0 else None
     if tracker:
-        tracker.started(state, counts_at_start if state["step"] < warmup else count_parameters(groups, warmup, warmup))
+        tracker.started(state, counts["warmup"] if state["step"] < warmup else counts["full"])
 
     batches = ctx.micro_batches(state["micro_batches"])
     engine.train()
@@ -84,6 +85,9 @@ def train(ctx: WorkerContext, spec: RunSpec) -> dict:
         step = state["step"]
         started = time.perf_counter()
         lr = set_learning_rate(optimizer, step, cfg, warmup)
+        # Any randomness in the step (dropout, if a model has it) is a function of (seed, step, rank),
+        # so a resumed run draws what the uninterrupted one drew.
+        torch.manual_seed(cfg.seed * 1_000_003 + step * 1_009 + ctx.rank)
         skipped = False
         for _ in range(cfg.grad_accum_steps):
             waited = time.perf_counter()
@@ -111,7 +115,7 @@ def train(ctx: WorkerContext, spec: RunSpec) -> dict:
         window.step_s += time.perf_counter() - started
         window.steps += 1
         if step + 1 == warmup and tracker:
-            tracker.phase_change(step + 1, count_parameters(groups, warmup, warmup))
+            tracker.phase_change(step + 1, counts["full"])
         metrics = maybe_log(tracker, window, state, engine, lr, ctx, cfg)
         maybe_checkpoint(engine, spec, state, batch, ctx, metrics, tracker)
     if tracker:
@@ -240,7 +244,7 @@ def probe_logits(engine, batch: dict) -> dict:
     with torch.no_grad():
         logits = engine(**inputs).logits.float().cpu()
     engine.train()
-    return {"inputs": {k: v.cpu() for k, v in inputs.items()}, "logits": logits}
+    return {"inputs": {k: v.cpu() for k, v in inputs.items()}, "logits": logits, "bf16": engine.bfloat16_enabled()}
 
 
 def resume(engine, spec: RunSpec, rank: int) -> dict:
@@ -257,7 +261,9 @@ def resume(engine, spec: RunSpec, rank: int) -> dict:
         return {"step": 0, "micro_batches": 0, "skipped_steps": 0, "resumed_from": None}
     local = checkpoints.fetch(spec.storage, step)
     try:
-        engine.load_checkpoint(local, tag=checkpoints.DS_TAG)
+        loaded, _ = engine.load_checkpoint(local, tag=checkpoints.DS_TAG)
+        if loaded is None:  # DeepSpeed returns instead of raising when its model file is missing
+            raise RuntimeError(f"DeepSpeed found no model state in {local}/{checkpoints.DS_TAG}")
         with open(f"{local}/{checkpoints.STATE}") as f:
             state = json.load(f)
     finally:

@@ -19,8 +19,9 @@ from typing import Dict, Optional
 import torch
 
 # Dense bf16 peak per device in TFLOP/s, from the vendors' datasheets; matched on the CUDA name.
-GPU_PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0,
-                   "A10G": 70.0}
+# Most specific names first: "L40S" before "L40" before "L4".
+GPU_PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0,
+                   "L40": 181.0, "L4": 121.0, "A10G": 70.0}
 
 
 def _text(config):

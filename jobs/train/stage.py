@@ -29,7 +29,8 @@ from orchestrator.errors import RunFailed, UserError
 log = logging.getLogger("t5adapt.train")
 RUN_FILE = "mlflow_run.json"
 # Fields that do not change what the model learns: checkpoints from a run that differs only in
-# these are resumed (e.g. more max_steps to train on, more failures allowed, another storage).
+# these are resumed (more failures allowed, another cadence, another storage). max_steps joins them
+# under a constant schedule (a run can be extended); a cosine's every step depends on it.
 _NOT_HASHED = ("max_steps", "checkpoint_every_steps", "keep_checkpoints", "log_every_steps", "max_failures",
                "data", "init", "storage", "peak_tflops_per_device", "cpus_per_worker")
 # Environment a worker needs from the driver's (never credentials: Ray records the loop config).
@@ -71,7 +72,8 @@ def run_train(job, root: str, force: bool = False) -> dict:
     metadata = read_metadata(where["data"])
     adapt_info = json.loads(storage.read_text(storage.join(where["init"], "t5adapt_adapt.json")))
     check_compatible(metadata, where)
-    trajectory = {k: v for k, v in asdict(job.train).items() if k not in _NOT_HASHED}
+    trajectory = {k: v for k, v in asdict(job.train).items()
+                  if k not in _NOT_HASHED or (k == "max_steps" and job.train.schedule == "cosine")}
     config_hash = config_digest(adapt_info["config_hash"], metadata["config_hash"], json.dumps(trajectory, sort_keys=True))
     check_previous_checkpoints(where["storage"], config_hash, force)
     if not storage.is_s3(where["storage"]):
@@ -84,8 +86,9 @@ def run_train(job, root: str, force: bool = False) -> dict:
         if done is None or done < job.train.max_steps:
             _fit(job, where, spec, metadata)
         final = checkpoints.newest_intact(where["storage"])
-        if final is None:
-            raise RunFailed(f"training ended without an intact checkpoint in {checkpoints.folder(where['storage'])}")
+        if final is None or final < job.train.max_steps:
+            raise RunFailed(f"training ended without an intact checkpoint of step {job.train.max_steps} in "
+                            f"{checkpoints.folder(where['storage'])} (newest intact: {final}); re-run to resume")
         from jobs.train.export import export
 
         print(f"train: exporting checkpoint step {final} to {storage.join(where['storage'], 'export')}", flush=True)
@@ -146,12 +149,17 @@ def check_compatible(metadata: dict, where: dict) -> None:
 
 
 def check_previous_checkpoints(storage_root: str, config_hash: str, force: bool) -> None:
-    steps = checkpoints.committed_steps(storage_root)
-    if not steps:
+    made_from = None
+    for step in checkpoints.committed_steps(storage_root):
+        try:
+            made_from = checkpoints.read_manifest(storage_root, step).get("config_hash")
+            break
+        except Exception:  # a damaged manifest: resume will skip that checkpoint, so look further back
+            continue
+    if made_from is None:
         return
-    made_from = checkpoints.read_manifest(storage_root, steps[0]).get("config_hash")
     if made_from == config_hash:
-        log.info("resuming: %s holds checkpoints up to step %d", checkpoints.folder(storage_root), steps[0])
+        log.info("resuming from the checkpoints in %s", checkpoints.folder(storage_root))
         return
     if not force:
         raise UserError(f"{checkpoints.folder(storage_root)} holds checkpoints of another training config "

@@ -4,10 +4,13 @@ Metrics go to the run the driver created, keyed by optimizer step. A restarted w
 the replayed steps again; MLflow keeps every value, and the latest per step is the one that counts.
 """
 
+import logging
 import math
 import time
 
 import torch
+
+log = logging.getLogger("t5adapt.train")
 
 
 class RankZeroTracker:
@@ -31,14 +34,21 @@ class RankZeroTracker:
         now = int(time.time() * 1000)
         finite = [Metric(k, float(v), now, step) for k, v in values.items() if v is not None and math.isfinite(float(v))]
         for start in range(0, len(finite), 900):  # MLflow takes at most 1000 metrics per batch
-            self.client.log_batch(self.run_id, metrics=finite[start:start + 900])
+            self._send(metrics=finite[start:start + 900])
+
+    def _send(self, **batch) -> None:
+        """A tracking store that is down must not kill training (Ray would restart it for nothing)."""
+        try:
+            self.client.log_batch(self.run_id, **batch)
+        except Exception as e:
+            log.warning("MLflow logging failed (%s); training goes on", e)
 
     def _tags(self, tags: dict) -> None:
         if not self.client:
             return
         from mlflow.entities import RunTag
 
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self._send(tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def started(self, state: dict, counts: dict) -> None:
         self._metrics(state["step"], {"params_trainable": counts["trainable"], "params_frozen": counts["frozen"]})

@@ -19,7 +19,9 @@ def train_loop_per_worker(config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     if spec.train.use_gpu:
-        device = torch.device("cuda", context.get_local_rank())
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()  # right under shared or fractional GPUs too
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
