@@ -22,7 +22,6 @@ import os
 import sys
 import time
 
-import numpy as np
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,25 +30,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 OUT = os.path.join(REPO, "bench", "out")
 
 
-def examples(data_dir):
-    """All prepared examples as ragged numpy columns, in example_index order."""
-    import pyarrow.parquet as pq
-
-    from jobs.train.batches import COLUMNS, read_metadata
-
-    metadata = read_metadata(data_dir)
-    tables = [pq.read_table(os.path.join(data_dir, f["name"]), columns=COLUMNS) for f in metadata["files"]]
-    columns = {c: [np.asarray(x) for t in tables for x in t.column(c).to_pylist()] for c in COLUMNS}
-    order = np.argsort(columns["example_index"])
-    return metadata, {c: np.array([columns[c][i] for i in order], dtype=object) for c in COLUMNS}
-
-
-def batch_of(rows, start, size, collate):
-    return collate({c: v[start:start + size] for c, v in rows.items()})
-
-
 def heldout_loss(model, rows, first, count, collate, num_denoisers, batch_size):
     """Token-weighted mean cross-entropy over examples first .. first + count - 1."""
+    from jobs.train.batches import batch_of
     from jobs.train.loop import forward_loss
 
     model.eval()
@@ -63,6 +46,7 @@ def heldout_loss(model, rows, first, count, collate, num_denoisers, batch_size):
 
 
 def train_and_evaluate(name, model, rows, args, cfg, collate, num_denoisers, heldout_start):
+    from jobs.train.batches import batch_of
     from jobs.train.loop import forward_loss
     from jobs.train.schedule import param_groups, set_learning_rate
 
@@ -100,7 +84,7 @@ def main():
 
     from jobs.adapt.stage import build_in_memory
     from jobs.data.stage import run_prepare
-    from jobs.train.batches import make_collate
+    from jobs.train.batches import make_collate, read_examples
     from orchestrator.config import load_config
 
     job = load_config(os.path.join(REPO, "configs", "quickstart.yaml"),
@@ -109,7 +93,7 @@ def main():
                        "train.schedule=cosine"])
     data_dir = os.path.join(OUT, "claim-data")
     run_prepare(job.data, job.adapt.source, data_dir)
-    metadata, rows = examples(data_dir)
+    metadata, rows = read_examples(data_dir)
     heldout_start = len(rows["input_ids"]) - args.heldout
     if args.steps * args.batch > heldout_start:
         sys.exit(f"only {heldout_start} training examples for {args.steps} steps of {args.batch}")

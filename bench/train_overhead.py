@@ -2,17 +2,23 @@
 
 Same model (real Gemma 3 270M -> T5Gemma 2 270M-270M), same prepared batches (128 + 64 tokens,
 micro-batch 2), same AdamW, same loss function, same threads (2):
-  bare:  one process, a plain PyTorch loop (forward, backward, clip, AdamW step)
-  ours:  `t5adapt train` (Ray Train TorchTrainer, 1 worker, DeepSpeed ZeRO-N, Ray Data streaming,
-         MLflow logging), step times as the run logged them
-Steady state = median step time after the first --skip steps. Overhead = ours / bare - 1.
-The run's final checkpoint and export are outside the timed steps.
+  bare PyTorch:   one process, a plain loop (forward, backward, clip, AdamW step)
+  bare DeepSpeed: one process, no Ray: the engine t5adapt builds (jobs/train/loop.build_engine) and
+                  its forward / backward / step, nothing else
+  t5adapt train:  Ray Train TorchTrainer, 1 worker, the same engine, Ray Data streaming, per-step
+                  finite-loss check, MLflow logging; s/step = wall-clock between the steps' MLflow
+                  records (so logging counts); tokens/s and MFU as the run logged them
+Steady state = median step time after the first --skip steps. "vs bare" = t / bare PyTorch - 1;
+"vs DS" = t / bare DeepSpeed of the same stage - 1 (what Ray and the loop add). Each bare loop runs
+in its own process. The run's final checkpoint and export are outside the timed steps.
 
 Run: .venv/bin/python bench/train_overhead.py [--steps 12] [--stages 0,2]
 """
 
 import argparse
+import multiprocessing
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -27,42 +33,81 @@ OUT = os.path.join(REPO, "bench", "out")
 DATA = ["data.encoder_length=128", "data.decoder_length=64", "data.documents_per_piece=200"]
 
 
-def bare_loop(init_dir, data_dir, steps, threads):
-    """Seconds per step of a plain single-process loop over the first `steps` micro-batches."""
+def bare_loop(init_dir, data_dir, steps, threads, train_cfg=None):
+    """Seconds per step of a single-process loop over the first `steps` micro-batches: plain PyTorch,
+    or (train_cfg given) the DeepSpeed engine that t5adapt builds from that TrainConfig."""
     from transformers import AutoModelForSeq2SeqLM
 
-    from bench.adaptation_claim import batch_of, examples
-    from jobs.train.batches import make_collate
+    from jobs.train.batches import batch_of, make_collate, read_examples
     from jobs.train.loop import forward_loss
     from jobs.train.schedule import param_groups
 
     torch.set_num_threads(threads)
-    metadata, rows = examples(data_dir)
+    metadata, rows = read_examples(data_dir)
     collate = make_collate(metadata["encoder_length"], metadata["decoder_length"], metadata["pad_id"])
     model = AutoModelForSeq2SeqLM.from_pretrained(init_dir, dtype=torch.float32).train()
-    optimizer = torch.optim.AdamW(param_groups(model, [], 0.01), lr=1e-4, betas=(0.9, 0.95), eps=1e-8)
+    model.config.use_cache = False
+    groups = param_groups(model, [], 0.01)
+    if train_cfg is None:
+        optimizer = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), eps=1e-8)
+    else:
+        engine = _one_rank_engine(model, groups, train_cfg)
     times = []
     for step in range(steps):
         started = time.perf_counter()
-        loss, _ = forward_loss(model, batch_of(rows, step * 2, 2, collate), len(metadata["denoisers"]))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        batch = batch_of(rows, step * 2, 2, collate)
+        if train_cfg is None:
+            loss, _ = forward_loss(model, batch, len(metadata["denoisers"]))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            loss, _ = forward_loss(engine, batch, len(metadata["denoisers"]))
+            engine.backward(loss)
+            engine.step()
         times.append(time.perf_counter() - started)
     return times
 
 
-def ours(job, root, stage):
-    """(seconds per step, tokens/s, padded tokens/s) as the t5adapt run logged them."""
+def _one_rank_engine(model, groups, train_cfg):
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    import socket
+
+    import torch.distributed as dist
+
+    from jobs.train.loop import build_engine
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    dist.init_process_group("gloo")
+    return build_engine(model, groups, train_cfg, world_size=1)[0]
+
+
+def in_own_process(*args):
+    """bare_loop(*args) in a fresh process, so its memory is gone before the next run starts."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(bare_loop, args)
+
+
+def ours(job, root):
+    """(wall-clock seconds per step, tokens/s, MFU) of a fresh `t5adapt train` run, from its MLflow records."""
     from mlflow.tracking import MlflowClient
 
     from jobs.train.stage import run_train
 
-    summary = run_train(job, root, force=True)
+    # A finished run of the same config would be reused (resume), not timed: start from nothing.
+    shutil.rmtree(job.train.storage, ignore_errors=True)
+    summary = run_train(job, root)
     client = MlflowClient(f"sqlite:///{os.path.abspath(root)}/mlflow.db")
-    history = lambda key: [m.value for m in sorted(client.get_metric_history(summary["mlflow_run_id"], key), key=lambda m: m.step)]
-    return history("step_time_s"), history("tokens_per_s"), history("mfu")
+    history = lambda key: sorted(client.get_metric_history(summary["mlflow_run_id"], key), key=lambda m: m.step)
+    # Wall-clock between consecutive logged steps: everything the worker does per step (the finite
+    # check, logging, the data iterator), not only what the loop's own step timer covers.
+    stamps = [m.timestamp / 1000 for m in history("loss")]
+    walls = [float("nan")] + [b - a for a, b in zip(stamps, stamps[1:])]
+    return walls, [m.value for m in history("tokens_per_s")], [m.value for m in history("mfu")]
 
 
 def main():
@@ -83,26 +128,29 @@ def main():
     run_prepare(base.data, base.adapt.source, data_dir)
     run_adapt(base.adapt, init_dir, data_cfg=base.data)
 
-    bare = bare_loop(init_dir, data_dir, args.steps, args.threads)
-    rows = [("bare PyTorch loop", bare, None, None)]
+    bare = in_own_process(init_dir, data_dir, args.steps, args.threads)
+    rows = [("bare PyTorch loop", bare, None, None, None)]
     for stage in (int(s) for s in args.stages.split(",")):
         job = load_config(os.path.join(REPO, "configs", "quickstart.yaml"), DATA + [
             "train.num_workers=1", f"train.cpus_per_worker={args.threads}", f"train.zero_stage={stage}",
             f"train.max_steps={args.steps}", f"train.checkpoint_every_steps={args.steps}", "train.lr=1e-4",
             "train.warmup_steps=0", "train.schedule=constant", f"train.data={data_dir}", f"train.init={init_dir}",
             f"train.storage={os.path.join(OUT, f'overhead-zero{stage}')}"])
-        steps, tokens, mfu = ours(job, root, stage)
-        rows.append((f"t5adapt train, ZeRO-{stage}", steps, tokens, mfu))
+        engine_only = in_own_process(init_dir, data_dir, args.steps, args.threads, job.train)
+        rows.append((f"bare DeepSpeed, ZeRO-{stage}", engine_only, None, None, None))
+        steps, tokens, mfu = ours(job, root)
+        rows.append((f"t5adapt train, ZeRO-{stage}", steps, tokens, mfu, engine_only))
 
     steady = lambda times: statistics.median(times[args.skip:])
     reference = steady(bare)
     print(f"\nreal T5Gemma 2 270M-270M on CPU ({args.threads} threads), micro-batch 2, 128 + 64 tokens, "
           f"median of steps {args.skip + 1}-{args.steps}:")
-    print(f"{'':<26} {'s/step':>8} {'vs bare':>8} {'tokens/s':>9} {'MFU':>6}")
-    for name, times, tokens, mfu in rows:
+    print(f"{'':<26} {'s/step':>8} {'vs bare':>8} {'vs DS':>7} {'tokens/s':>9} {'MFU':>6}")
+    for name, times, tokens, mfu, engine_only in rows:
+        versus_ds = f"{steady(times) / steady(engine_only) - 1:>+7.1%}" if engine_only else f"{'':>7}"
         extra = (f"{statistics.median(tokens[args.skip:]):>9.0f} {statistics.median(mfu[args.skip:]):>6.1%}"
                  if tokens else f"{'':>9} {'':>6}")
-        print(f"{name:<26} {steady(times):>8.2f} {steady(times) / reference - 1:>+8.1%} {extra}")
+        print(f"{name:<26} {steady(times):>8.2f} {steady(times) / reference - 1:>+8.1%} {versus_ds} {extra}")
 
 
 if __name__ == "__main__":

@@ -111,17 +111,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def _adapt(args) -> None:
     from jobs.adapt.stage import run_adapt
-    from orchestrator import storage
     from orchestrator.config import default_root, load_config
 
     job = load_config(args.config, args.overrides)
     out = args.out or os.path.join(args.root or default_root(), job.name, "adapted")
-    if storage.is_s3(out):
-        local = os.path.join(storage.cache_dir(), "exports", job.name)
-        run_adapt(job.adapt, local, force=True, data_cfg=job.data)
-        storage.upload_dir(local, out)
-    else:
-        run_adapt(job.adapt, out, force=args.force, data_cfg=job.data)
+    run_adapt(job.adapt, out, force=args.force, data_cfg=job.data)
     print(f"adapted checkpoint: {out}")
 
 

@@ -72,3 +72,15 @@ def commit(staging: str, out: str) -> None:
     if os.path.exists(out):
         shutil.rmtree(out)
     os.replace(staging, out)
+
+
+def publish(local: str, out: str) -> None:
+    """Copy a finished local output directory to an s3:// prefix as a commit: the prefix is emptied
+    (its marker first, so no reader takes the old files for whole), every file but the marker is
+    uploaded, and the marker is written last."""
+    marker = storage.join(out, COMMIT_MARKER)
+    if storage.exists(marker):
+        storage.delete_file(marker)
+    storage.delete_prefix(out)
+    storage.upload_dir(local, out, skip=(COMMIT_MARKER,))
+    storage.write_text(marker, "")

@@ -173,11 +173,13 @@ def _download_prefix(uri: str) -> str:
     return local
 
 
-def upload_dir(local: str, uri: str) -> None:
-    """Copy a local directory tree under an s3:// prefix (object keys mirror relative paths)."""
+def upload_dir(local: str, uri: str, skip: Tuple[str, ...] = ()) -> None:
+    """Copy a local directory tree under an s3:// prefix (object keys mirror relative paths), leaving
+    out files whose relative path is in `skip`."""
     bucket, prefix = split_s3(uri)
     client = _client()
     files = [os.path.join(d, f) for d, _, names in os.walk(local) for f in names]
+    files = [f for f in files if os.path.relpath(f, local).replace(os.sep, "/") not in skip]
     for path in tqdm(files, desc=f"upload {uri}", unit="file"):
         key = "/".join(filter(None, [prefix, os.path.relpath(path, local).replace(os.sep, "/")]))
         client.upload_file(path, bucket, key)

@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import time
 
 import boto3
 import pytest
@@ -113,7 +114,7 @@ def test_streaming_writer_matches_safetensors_reader(tmp_path):
         StreamingWriter(str(tmp_path / "x"), specs, 64).write("b", tensors["b"])
 
 
-def test_s3_source_and_s3_output(s3_endpoint, tmp_path):
+def test_s3_source_and_s3_output(s3_endpoint, tmp_path, capsys):
     s3 = boto3.client("s3")
     s3.create_bucket(Bucket="models")
     local = builtin_path("builtin:tiny-gemma3")
@@ -134,6 +135,19 @@ def test_s3_source_and_s3_output(s3_endpoint, tmp_path):
         target.parent.mkdir(parents=True, exist_ok=True)
         s3.download_file("models", key, str(target))
     assert AutoModelForSeq2SeqLM.from_pretrained(str(download)).config.model_type == "t5gemma2"
+    # The s3:// output is a commit like a local one: the same config reuses it (nothing is rewritten),
+    # another config is refused without --force.
+    marker = lambda: s3.head_object(Bucket="models", Key="exports/tiny-t5/COMMITTED")["LastModified"]
+    first = marker()
+    time.sleep(1.1)  # S3's LastModified has one-second resolution
+    assert main(["adapt", TINY, "adapt.source=s3://models/gemma/tiny", "--out", "s3://models/exports/tiny-t5"]) == 0
+    assert marker() == first
+    assert main(["adapt", TINY, "adapt.source=s3://models/gemma/tiny", "adapt.encoder_scale=0.5",
+                 "--out", "s3://models/exports/tiny-t5"]) == 2
+    assert "holds finished output made from another config" in capsys.readouterr().err
+    assert main(["adapt", TINY, "adapt.source=s3://models/gemma/tiny", "adapt.encoder_scale=0.5",
+                 "--out", "s3://models/exports/tiny-t5", "--force"]) == 0
+    assert marker() > first
 
 
 def test_s3_errors_name_the_prefix(s3_endpoint):

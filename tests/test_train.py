@@ -279,3 +279,46 @@ def test_export_on_demand_writes_an_earlier_checkpoint(reference, tmp_path, caps
     assert any(not torch.equal(a, b) for a, b in zip(step20.parameters(), final.parameters()))
     assert main(["export", TINY, "--root", root, "--step", "10"]) == 2  # pruned: keep_checkpoints=2
     assert "no committed checkpoint for step 10" in capsys.readouterr().err
+
+
+def test_zero0_one_worker_trains_exactly_like_a_plain_pytorch_loop(reference, tmp_path):
+    """One worker, ZeRO-0: t5adapt switches off DeepSpeed's gradient all-reduce (one rank has nothing
+    to reduce). The trained weights must still be what a plain PyTorch loop gets on the same batches."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    from jobs.train import checkpoints
+    from jobs.train.batches import batch_of, make_collate, read_examples
+    from jobs.train.export import consolidated_state
+    from jobs.train.loop import forward_loss
+    from jobs.train.schedule import param_groups, set_learning_rate
+    from jobs.train.stage import run_train
+
+    data, init = (os.path.join(reference["root"], "tiny", name) for name in ("data", "adapted"))
+    job = load_config(TINY, ["train.num_workers=1", "train.zero_stage=0", "train.max_steps=2", f"train.data={data}",
+                             f"train.init={init}", "train.warmup_steps=0", "train.schedule=constant"])
+    summary = run_train(job, str(tmp_path))
+    assert summary["probe_max_abs_diff"] == 0.0
+    trained = consolidated_state(checkpoints.step_dir(summary["storage"], 2))
+
+    cfg = job.train
+    model = AutoModelForSeq2SeqLM.from_pretrained(init, dtype=torch.float32).train()
+    model.config.use_cache = False
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.AdamW(param_groups(model, [], cfg.weight_decay), lr=cfg.lr,
+                                  betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+    metadata, rows = read_examples(data)
+    collate = make_collate(metadata["encoder_length"], metadata["decoder_length"], metadata["pad_id"])
+    for step in range(2):
+        set_learning_rate(optimizer, step, cfg, 0)
+        torch.manual_seed(cfg.seed * 1_000_003 + step * 1_009)  # as the loop seeds rank 0
+        batch = batch_of(rows, step * cfg.micro_batch_size, cfg.micro_batch_size, collate)
+        loss, _ = forward_loss(model, batch, len(metadata["denoisers"]))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    plain = model.state_dict()
+    assert set(trained) <= set(plain) and len(trained) > 10
+    assert sum(not torch.equal(trained[k], initial[k]) for k in trained) > len(trained) // 2
+    for key in trained:
+        torch.testing.assert_close(trained[key], plain[key], rtol=1e-5, atol=1e-6, msg=key)

@@ -97,15 +97,26 @@ def test_collate_pads_to_fixed_shapes_and_masks_label_padding():
     assert batch["denoiser"].tolist() == [3, 0]
 
 
-def test_flops_per_example_counts_parameters_and_attention():
+@pytest.mark.parametrize("overrides", [[], ["adapt.source=builtin:tiny-gemma2",
+                                              "adapt.decoder_source=builtin:tiny-gemma2-narrow"]],
+                         ids=["t5gemma2-merged-attention", "t5gemma-unbalanced-cross-attention"])
+def test_flops_per_example_matches_torch_flop_counter(overrides):
+    """The MFU numerator against torch's own count of one forward + backward (eager attention, so
+    the score and value products are matmuls it counts), with encoder longer and shorter than decoder."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     from jobs.adapt.stage import build_in_memory
     from jobs.train.metrics import flops_per_example
 
-    model, _, _ = build_in_memory(load_config(TINY).adapt)
-    short, long = flops_per_example(model, 8, 4), flops_per_example(model, 16, 4)
-    dense = [p for n, p in model.named_parameters() if ".encoder." in f".{n}" and "embed" not in n]
-    # Doubling the encoder length adds 6 FLOPs per encoder parameter per token, plus attention.
-    assert long - short > 6 * sum(p.numel() for p in dense) * 8
+    model, _, _ = build_in_memory(load_config(TINY, overrides).adapt)
+    model.set_attn_implementation("eager")
+    model.config.use_cache = False
+    for encoder_length, decoder_length in ((16, 8), (8, 16)):
+        ids, decoder_ids = torch.randint(5, 100, (1, encoder_length)), torch.randint(5, 100, (1, decoder_length))
+        with FlopCounterMode(display=False) as counter:
+            model(input_ids=ids, decoder_input_ids=decoder_ids).logits.sum().backward()
+        estimate = flops_per_example(model, encoder_length, decoder_length)
+        assert estimate == pytest.approx(counter.get_total_flops(), rel=0.015), (encoder_length, decoder_length)
 
 
 def test_train_help_teaches(capsys):
@@ -120,3 +131,15 @@ def test_explicit_missing_input_is_a_user_error(tmp_path, capsys):
     code = main(["train", TINY, "--root", str(tmp_path), f"train.data={tmp_path}/nowhere"])
     assert code == 2
     assert f"train.data={tmp_path}/nowhere holds no finished prepare output" in capsys.readouterr().err
+
+
+def test_zero_at_one_worker_without_offload_is_advised_against(caplog):
+    from jobs.train.stage import advise
+
+    advise(load_config(TINY, ["train.num_workers=1", "train.zero_stage=2"]).train)
+    assert "train.zero_stage=2 with one worker partitions nothing" in caplog.text
+    caplog.clear()
+    for overrides in (["train.num_workers=1", "train.zero_stage=0"], ["train.num_workers=2", "train.zero_stage=2"],
+                      ["train.num_workers=1", "train.zero_stage=2", "train.offload_optimizer=true"]):
+        advise(load_config(TINY, overrides).train)
+    assert "partitions nothing" not in caplog.text

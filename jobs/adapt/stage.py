@@ -9,6 +9,7 @@ Output (written to `<out>.partial`, renamed to `<out>` once complete, marker las
 import json
 import logging
 import os
+import shutil
 from collections import Counter
 from dataclasses import asdict
 from typing import Callable, Dict, List, Tuple
@@ -21,7 +22,8 @@ from jobs.adapt.families import DESIGNS, Design
 from jobs.adapt.rules import name_seed
 from jobs.adapt.sources import Source, open_source
 from jobs.adapt.tensors import StreamingWriter, tensor_sha256
-from orchestrator.commits import commit, config_digest, reusable, staging_dir
+from orchestrator import storage
+from orchestrator.commits import commit, config_digest, publish, reusable, staging_dir
 from orchestrator.errors import UserError
 
 log = logging.getLogger("t5adapt.adapt")
@@ -109,7 +111,7 @@ def build_in_memory(cfg: AdaptConfig, progress: bool = False) -> Tuple[torch.nn.
 
 
 def run_adapt(cfg: AdaptConfig, out: str, force: bool = False, data_cfg=None) -> str:
-    """Write the adapted checkpoint to `out` (a local directory). Returns `out`.
+    """Write the adapted checkpoint to `out` (a local directory or an s3:// prefix). Returns `out`.
 
     With `data_cfg` (the job's data slice), the exported tokenizer_config.json records the sentinel
     and mode tokens that preprocessing with that config uses (key "t5adapt_denoising"), so the
@@ -120,6 +122,13 @@ def run_adapt(cfg: AdaptConfig, out: str, force: bool = False, data_cfg=None) ->
     """
     digest = config_digest(cfg, data_cfg)
     if reusable(out, STAGE_INFO, digest, force) is not None:
+        return out
+    if storage.is_s3(out):
+        # Shards stream into local files; the finished directory is then published as a commit.
+        local = os.path.join(storage.cache_dir(), "adapt-staging", digest)
+        run_adapt(cfg, local, force=True, data_cfg=data_cfg)
+        publish(local, out)
+        shutil.rmtree(local, ignore_errors=True)
         return out
     sources = open_sources(cfg)
     target = design(cfg, sources)

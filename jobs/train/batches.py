@@ -108,3 +108,20 @@ def micro_batches(shard, start: int, per_epoch: int, micro_batch_size: int, coll
                 continue
             yield batch
             position += 1
+
+
+def read_examples(data_dir: str):
+    """(metadata, rows): every prepared example of a local directory in example_index order, as ragged
+    numpy columns, without Ray (benchmarks and tests that train in one process)."""
+    import pyarrow.parquet as pq
+
+    metadata = read_metadata(data_dir)
+    tables = [pq.read_table(storage.join(data_dir, f["name"]), columns=COLUMNS) for f in metadata["files"]]
+    columns = {c: [np.asarray(x) for t in tables for x in t.column(c).to_pylist()] for c in COLUMNS}
+    order = np.argsort(columns["example_index"])
+    return metadata, {c: np.array([columns[c][i] for i in order], dtype=object) for c in COLUMNS}
+
+
+def batch_of(rows: dict, start: int, size: int, collate) -> dict:
+    """Examples start .. start + size - 1 of read_examples' rows, collated."""
+    return collate({c: v[start:start + size] for c, v in rows.items()})

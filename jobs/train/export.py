@@ -18,7 +18,7 @@ import torch
 
 from jobs.train import checkpoints
 from orchestrator import storage
-from orchestrator.commits import commit, reusable, staging_dir
+from orchestrator.commits import commit, publish, reusable, staging_dir
 
 log = logging.getLogger("t5adapt.train")
 INFO = "t5adapt_train.json"
@@ -40,10 +40,12 @@ def consolidated_state(checkpoint_local: str) -> dict:
     return {k: v.float() for k, v in states["module"].items()}
 
 
-def export(storage_root: str, step: int, init_dir: str, out: str, config_hash: str, force: bool = False) -> dict:
+def export(storage_root: str, step: int, init_dir: str, out: str, config_hash: str, force: bool = False,
+           verified: bool = False) -> dict:
     """Write checkpoint `step` of `storage_root` as a Hugging Face directory at `out` (local or s3://).
     Returns the info dict (also written as t5adapt_train.json). A committed export of the same
-    checkpoint and config is reused."""
+    checkpoint and config is reused. verified=True: the caller has just checked the checkpoint
+    against its manifest, so it is not hashed again."""
     from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
     digest = f"{config_hash}-step{step}"
@@ -51,7 +53,7 @@ def export(storage_root: str, step: int, init_dir: str, out: str, config_hash: s
     if done is not None:
         return done
     local_ckpt = checkpoints.fetch(storage_root, step)
-    problem = checkpoints.verify(storage_root, step, local_ckpt)
+    problem = None if verified else checkpoints.verify(storage_root, step, local_ckpt)
     if problem:
         from orchestrator.errors import UserError
 
@@ -78,9 +80,7 @@ def export(storage_root: str, step: int, init_dir: str, out: str, config_hash: s
         with open(os.path.join(local_out, INFO), "w") as f:
             json.dump(info, f, indent=1)
         if storage.is_s3(out):
-            storage.delete_prefix(out)
-            storage.upload_dir(local_out, out)
-            storage.write_text(storage.join(out, "COMMITTED"), "")
+            publish(local_out, out)
         else:
             commit(local_out, out)
         return info
