@@ -45,3 +45,27 @@ def test_prune_keeps_the_newest_committed_and_drops_older_torn_ones(tmp_path):
     checkpoints._prune(root, keep=2)
     # 10 is past the newest two; 5 is a torn leftover below them; 40 may be a save in progress.
     assert sorted(os.listdir(checkpoints.folder(root))) == ["step-000020", "step-000030", "step-000040"]
+
+
+def test_ranks_sharing_the_check_cover_every_file_once(tmp_path):
+    """On resume each of n ranks hashes every n-th file: together they see each file exactly once."""
+    root = str(tmp_path)
+    _fake_checkpoint(root, 10)
+    path = checkpoints.step_dir(root, 10)
+    manifest = json.load(open(os.path.join(path, checkpoints.MANIFEST)))
+    for name in ("ds/a.pt", "ds/b.pt", "ds/c.pt", "trainer_state.json"):
+        with open(os.path.join(path, name), "wb") as f:
+            f.write(name.encode())
+        manifest["files"][name] = {"sha256": storage.file_sha256(os.path.join(path, name)), "bytes": len(name)}
+    with open(os.path.join(path, checkpoints.MANIFEST), "w") as f:
+        json.dump(manifest, f)
+    assert all(checkpoints.damage(root, 10, (rank, 3)) is None for rank in range(3))
+    for name in manifest["files"]:
+        with open(os.path.join(path, name), "r+b") as f:
+            first = f.read(1)
+            f.seek(0)
+            f.write(bytes([first[0] ^ 1]))
+        problems = [checkpoints.damage(root, 10, (rank, 3)) for rank in range(3)]
+        assert [p for p in problems if p] == [f"{name} does not match its checksum"], problems
+        with open(os.path.join(path, name), "r+b") as f:
+            f.write(first)

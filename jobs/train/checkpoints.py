@@ -8,9 +8,10 @@
       COMMITTED                  written last; discovery ignores a directory without it
 
 Each rank saves into its own local scratch directory and copies its files to storage; the ranks'
-checksums are gathered, and rank 0 writes the manifest and then the marker. On resume, rank 0 walks
-the committed checkpoints newest first, re-hashes their files, and takes the first intact one; a
-damaged one is skipped with a warning naming it. After each commit only the newest
+checksums are gathered, and rank 0 writes the manifest and then the marker. On resume, the ranks
+walk the committed checkpoints newest first, each re-hashing (for s3://, downloading) its share of
+the files, and take the first one that every rank found intact; a damaged one is skipped with a
+warning naming it. After each commit only the newest
 train.keep_checkpoints stay.
 """
 
@@ -20,7 +21,7 @@ import os
 import re
 import shutil
 import tempfile
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 from orchestrator import storage
 from orchestrator.commits import COMMIT_MARKER
@@ -127,14 +128,15 @@ def _uncommit(path: str) -> None:
         storage.delete_file(marker)
 
 
-def verify(storage_root: str, step: int, local: str) -> Optional[str]:
+def verify(storage_root: str, step: int, local: str, part: Tuple[int, int] = (0, 1)) -> Optional[str]:
     """Check checkpoint `step` against its manifest, with its files under `local` (a local path).
+    part=(i, n): only every n-th manifest file from the i-th (n ranks share the work).
     Returns None when intact, else what is wrong."""
     try:
         manifest = read_manifest(storage_root, step)
     except (OSError, ValueError, KeyError) as e:
         return f"manifest unreadable ({e})"
-    for rel, expected in manifest["files"].items():
+    for rel, expected in sorted(manifest["files"].items())[part[0]::part[1]]:
         path = os.path.join(local, rel)
         if not os.path.isfile(path):
             return f"{rel} is missing"
@@ -143,30 +145,39 @@ def verify(storage_root: str, step: int, local: str) -> Optional[str]:
     return None
 
 
-def fetch(storage_root: str, step: int) -> str:
+def fetch(storage_root: str, step: int, part: Tuple[int, int] = (0, 1)) -> str:
     """A local directory with checkpoint `step`'s files: the directory itself, or for s3:// a fresh
-    download of the files its manifest lists (never a cache: a redone step reuses the same names)."""
+    download of the files its manifest lists (never a cache: a redone step reuses the same names);
+    part as in verify."""
     uri = step_dir(storage_root, step)
     if not storage.is_s3(uri):
         return uri
     local = tempfile.mkdtemp(prefix=f"t5adapt-ckpt-{step}-")
-    for rel in read_manifest(storage_root, step)["files"]:
+    for rel in sorted(read_manifest(storage_root, step)["files"])[part[0]::part[1]]:
         storage.download_file(storage.join(uri, rel), os.path.join(local, rel))
     return local
 
 
-def newest_intact(storage_root: str) -> Optional[int]:
-    """The newest committed checkpoint whose files match their manifest; damaged ones are skipped
-    with a warning. None when there is none."""
-    for step in committed_steps(storage_root):
-        try:
-            local = fetch(storage_root, step)
-        except Exception as e:  # a listed object that cannot be read is damage too
-            problem = f"cannot read it ({e})"
-        else:
-            problem = verify(storage_root, step, local)
-            if local != step_dir(storage_root, step):
-                shutil.rmtree(local, ignore_errors=True)
+def damage(storage_root: str, step: int, part: Tuple[int, int] = (0, 1)) -> Optional[str]:
+    """What is wrong with (part of) committed checkpoint `step`, or None when it is intact."""
+    try:
+        local = fetch(storage_root, step, part)
+    except Exception as e:  # a listed object that cannot be read is damage too
+        return f"cannot read it ({e})"
+    try:
+        return verify(storage_root, step, local, part)
+    finally:
+        if local != step_dir(storage_root, step):
+            shutil.rmtree(local, ignore_errors=True)
+
+
+def newest_intact(storage_root: str, steps: Optional[List[int]] = None,
+                  check: Callable[[int], Optional[str]] = None) -> Optional[int]:
+    """The newest of `steps` (default: the committed ones) that `check` (default: damage) finds
+    intact; damaged ones are skipped with a warning. None when there is none."""
+    check = check or (lambda step: damage(storage_root, step))
+    for step in committed_steps(storage_root) if steps is None else steps:
+        problem = check(step)
         if problem is None:
             return step
         log.warning("checkpoint %s is damaged (%s); falling back to the previous committed one",

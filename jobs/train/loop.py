@@ -265,9 +265,17 @@ def resume(engine, spec: RunSpec, rank: int) -> dict:
 
     import torch.distributed as dist
 
-    choice = [checkpoints.newest_intact(spec.storage) if rank == 0 else None]
-    dist.broadcast_object_list(choice, src=0)
-    step = choice[0]
+    world = dist.get_world_size()
+    listed = [checkpoints.committed_steps(spec.storage) if rank == 0 else None]
+    dist.broadcast_object_list(listed, src=0)  # one listing, so every rank walks the same steps
+
+    def check_together(candidate: int):
+        """Each rank hashes its share of the files, so no rank waits on one that hashes them all."""
+        problems = [None] * world
+        dist.all_gather_object(problems, checkpoints.damage(spec.storage, candidate, (rank, world)))
+        return next((p for p in problems if p), None)
+
+    step = checkpoints.newest_intact(spec.storage, listed[0], check_together)
     if step is None:
         return {"step": 0, "micro_batches": 0, "skipped_steps": 0, "resumed_from": None}
     local = checkpoints.fetch(spec.storage, step)
