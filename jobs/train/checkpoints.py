@@ -136,13 +136,19 @@ def verify(storage_root: str, step: int, local: str, part: Tuple[int, int] = (0,
         manifest = read_manifest(storage_root, step)
     except (OSError, ValueError, KeyError) as e:
         return f"manifest unreadable ({e})"
-    for rel, expected in sorted(manifest["files"].items())[part[0]::part[1]]:
+    for rel, expected in _share(manifest["files"].items(), part):
         path = os.path.join(local, rel)
         if not os.path.isfile(path):
             return f"{rel} is missing"
         if os.path.getsize(path) != expected["bytes"] or storage.file_sha256(path) != expected["sha256"]:
             return f"{rel} does not match its checksum"
     return None
+
+
+def _share(files, part: Tuple[int, int]) -> list:
+    """Part (i, n) of a manifest's files: every n-th in sorted order from the i-th (fetch and verify
+    must pick the same ones)."""
+    return sorted(files)[part[0]::part[1]]
 
 
 def fetch(storage_root: str, step: int, part: Tuple[int, int] = (0, 1)) -> str:
@@ -153,7 +159,7 @@ def fetch(storage_root: str, step: int, part: Tuple[int, int] = (0, 1)) -> str:
     if not storage.is_s3(uri):
         return uri
     local = tempfile.mkdtemp(prefix=f"t5adapt-ckpt-{step}-")
-    for rel in sorted(read_manifest(storage_root, step)["files"])[part[0]::part[1]]:
+    for rel in _share(read_manifest(storage_root, step)["files"], part):
         storage.download_file(storage.join(uri, rel), os.path.join(local, rel))
     return local
 

@@ -128,8 +128,9 @@ def build_engine(model: torch.nn.Module, groups: list, cfg: TrainConfig, world_s
                                                    config=build_deepspeed_config(cfg))
     if cfg.zero_stage == 0 and world_size == 1:
         # One data-parallel rank has nothing to all-reduce, but DeepSpeed would still flatten every
-        # gradient into a bucket, "reduce" it and copy it back after each backward: ~+20% step time on
-        # the 270M-270M on CPU (bench/train_overhead.py, "bare DeepSpeed, ZeRO-0"). The gradients are already the right ones.
+        # gradient into a bucket, "reduce" it and copy it back after each backward: ~+20% step time
+        # on the 270M-270M on CPU (bench/train_overhead.py, "bare DeepSpeed, ZeRO-0"). The
+        # gradients are already the right ones.
         engine.enable_backward_allreduce = False
     return engine, optimizer
 
