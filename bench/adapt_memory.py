@@ -44,8 +44,8 @@ def write_synthetic_gemma2(path, num_layers=13):
     import torch
     from transformers import Gemma2Config
 
-    from jobs.adapt.builtin import tiny_tokenizer
-    from jobs.adapt.tensors import StreamingWriter
+    from jobs.core.builtin import tiny_tokenizer
+    from jobs.core.tensors import StreamingWriter
 
     config = Gemma2Config(vocab_size=32768, hidden_size=2304, intermediate_size=9216, num_hidden_layers=num_layers,
                           num_attention_heads=8, num_key_value_heads=4, head_dim=256, dtype="bfloat16")

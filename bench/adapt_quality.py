@@ -29,7 +29,7 @@ PREFIX_TOKENS, TARGET_TOKENS = 128, 64
 
 def passages(tokenizer, count):
     """(prefix, target) token tensors, the first 192-token window of each long enough document."""
-    from jobs.shipped_text import prose_documents
+    from jobs.core.shipped_text import prose_documents
 
     pairs = []
     for document in prose_documents():
@@ -84,7 +84,7 @@ def main():
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from jobs.adapt import builtin
+    from jobs.core import builtin
     from jobs.adapt.stage import build_in_memory
     from orchestrator.config import load_config
 

@@ -92,7 +92,9 @@ def main():
                        f"train.lr={args.lr}", "train.warmup_steps=10", f"train.max_steps={args.steps}",
                        "train.schedule=cosine"])
     data_dir = os.path.join(OUT, "claim-data")
-    run_prepare(job.data, job.adapt.source, data_dir)
+    from orchestrator.keys import prepare_key
+
+    run_prepare(job.data, job.adapt.source, data_dir, prepare_key(job.data, job.adapt.source))
     metadata, rows = read_examples(data_dir)
     heldout_start = len(rows["input_ids"]) - args.heldout
     if args.steps * args.batch > heldout_start:

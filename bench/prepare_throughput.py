@@ -35,7 +35,7 @@ TOKENIZER = "builtin:gemma3-270m"
 LENGTHS = ["data.encoder_length=512", "data.decoder_length=256", "data.documents_per_piece=2000"]
 
 def write_corpus(folder, repeat):
-    from jobs.shipped_text import prose_documents
+    from jobs.core.shipped_text import prose_documents
 
     documents = prose_documents() * repeat
     os.makedirs(folder, exist_ok=True)
@@ -124,7 +124,7 @@ def ray_child(corpus_dir, out, cpus):
     cfg = load_config(os.path.join(REPO, "configs", "quickstart.yaml"),
                       LENGTHS + [f"data.corpus=[{{path: '{corpus_dir}'}}]", f"data.num_tokenizer_workers={cpus}"]).data
     started = time.perf_counter()
-    metadata = run_prepare(cfg, TOKENIZER, out, force=True)
+    metadata = run_prepare(cfg, TOKENIZER, out, key="bench", force=True)
     print(json.dumps({"seconds": time.perf_counter() - started, "tokens": sum(s["tokens"] for s in metadata["sources"]),
                       "examples": metadata["num_examples"], "padding": metadata["padding_fraction"], **stage_seconds}))
 
@@ -154,7 +154,7 @@ def main():
     if args.child:
         ray_child(args.child[0], args.child[1], int(args.child[2]))
         return
-    from jobs.adapt.sources import load_tokenizer
+    from jobs.core.sources import load_tokenizer
     from jobs.data.plan import make_plan
     from orchestrator.config import load_config
 

@@ -92,6 +92,9 @@ def in_own_process(*args):
         return pool.apply(bare_loop, args)
 
 
+DATA_DIR = []  # [prepared data, adapted model], set by main()
+
+
 def ours(job, root):
     """(wall-clock seconds per step, tokens/s, MFU) of a fresh `t5adapt train` run, from its MLflow records."""
     from mlflow.tracking import MlflowClient
@@ -99,10 +102,15 @@ def ours(job, root):
     from jobs.train.stage import run_train
 
     # A finished run of the same config would be reused (resume), not timed: start from nothing.
-    shutil.rmtree(job.train.storage, ignore_errors=True)
-    summary = run_train(job, root)
-    client = MlflowClient(f"sqlite:///{os.path.abspath(root)}/mlflow.db")
-    history = lambda key: sorted(client.get_metric_history(summary["mlflow_run_id"], key), key=lambda m: m.step)
+    storage_root = os.path.join(OUT, f"overhead-zero{job.train.zero_stage}")
+    shutil.rmtree(storage_root, ignore_errors=True)
+    uri = f"sqlite:///{os.path.abspath(root)}/mlflow.db"
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("overhead") or client.get_experiment(client.create_experiment("overhead"))
+    run_id = client.create_run(experiment.experiment_id).info.run_id
+    run_train(job.train, DATA_DIR[0], DATA_DIR[1], storage_root, key=f"bench-zero{job.train.zero_stage}",
+              tracking_uri=uri, mlflow_run_id=run_id)
+    history = lambda key: sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
     # Wall-clock between consecutive logged steps: everything the worker does per step (the finite
     # check, logging, the data iterator), not only what the loop's own step timer covers.
     stamps = [m.timestamp / 1000 for m in history("loss")]
@@ -120,13 +128,16 @@ def main():
 
     from jobs.adapt.stage import run_adapt
     from jobs.data.stage import run_prepare
+    from orchestrator import keys
     from orchestrator.config import load_config
 
     root = os.path.join(OUT, "overhead-root")
     init_dir, data_dir = os.path.join(OUT, "quickstart-adapted"), os.path.join(OUT, "claim-data")
+    DATA_DIR[:] = [data_dir, init_dir]
     base = load_config(os.path.join(REPO, "configs", "quickstart.yaml"), DATA)
-    run_prepare(base.data, base.adapt.source, data_dir)
-    run_adapt(base.adapt, init_dir, data_cfg=base.data)
+    run_prepare(base.data, base.adapt.source, data_dir, keys.prepare_key(base.data, base.adapt.source))
+    denoising = keys.denoising_plan(base)
+    run_adapt(base.adapt, init_dir, keys.adapt_key(base.adapt, denoising), denoising)
 
     bare = in_own_process(init_dir, data_dir, args.steps, args.threads)
     rows = [("bare PyTorch loop", bare, None, None, None)]
@@ -134,8 +145,7 @@ def main():
         job = load_config(os.path.join(REPO, "configs", "quickstart.yaml"), DATA + [
             "train.num_workers=1", f"train.cpus_per_worker={args.threads}", f"train.zero_stage={stage}",
             f"train.max_steps={args.steps}", f"train.checkpoint_every_steps={args.steps}", "train.lr=1e-4",
-            "train.warmup_steps=0", "train.schedule=constant", f"train.data={data_dir}", f"train.init={init_dir}",
-            f"train.storage={os.path.join(OUT, f'overhead-zero{stage}')}"])
+            "train.warmup_steps=0", "train.schedule=constant"])
         engine_only = in_own_process(init_dir, data_dir, args.steps, args.threads, job.train)
         rows.append((f"bare DeepSpeed, ZeRO-{stage}", engine_only, None, None, None))
         steps, tokens, mfu = ours(job, root)

@@ -5,17 +5,33 @@ import logging
 import os
 import sys
 
-from orchestrator.errors import RunFailed, UserError
+from jobs.core.errors import RunFailed, UserError
 
 _EPILOG = """examples:
-  t5adapt adapt configs/quickstart.yaml                  # real Gemma 3 270M -> T5Gemma 2 270M-270M
+  t5adapt run configs/quickstart.yaml                    # the whole pipeline on the real Gemma 3 270M
+  t5adapt run configs/tiny.yaml train.lr=0.001           # only train, evaluate and export run again
+  t5adapt ls                                             # runs under the root, their stages and loss
+  t5adapt show quickstart                                # one run: stage keys, states, timings, paths
+  t5adapt ui                                             # the MLflow UI on the run store (127.0.0.1)
   t5adapt adapt configs/tiny.yaml adapt.encoder_layers=every:2 --out /tmp/tiny-adapted
-  t5adapt train configs/tiny.yaml                        # prepare + adapt + train, resumable
   t5adapt config show configs/quickstart.yaml adapt.dtype=bfloat16
 
 Any config key can be overridden as key=value (dotted keys, e.g. adapt.decoder_layers=first:6).
-The run root is --root, else $T5ADAPT_ROOT, else ./runs.
+The run root is --root, else $T5ADAPT_ROOT, else ./runs. Stage outputs are content-addressed:
+ROOT/stages/<stage>-<key>, where the key covers the config fields that change the output and the
+keys of its inputs; re-running reuses finished stages and resumes the first unfinished one.
 """
+
+_ROOT_HELP = "run root: run directories, the stage store and mlflow.db (default: $T5ADAPT_ROOT or ./runs)"
+
+
+def _job_command(commands, name: str, help: str, description: str, epilog: str):
+    command = commands.add_parser(name, formatter_class=argparse.RawDescriptionHelpFormatter, help=help,
+                                  description=description, epilog=epilog)
+    command.add_argument("config", metavar="CONFIG", help="YAML job config, e.g. configs/quickstart.yaml")
+    command.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    command.add_argument("--root", help=_ROOT_HELP)
+    return command
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,79 +41,87 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log every tensor mapping and debug detail")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    adapt = commands.add_parser(
-        "adapt", formatter_class=argparse.RawDescriptionHelpFormatter,
-        help="build an encoder-decoder checkpoint from decoder-only checkpoint(s)",
-        description="Build an encoder-decoder Hugging Face directory from decoder-only checkpoint(s):\n"
-                    "Gemma 3 -> T5Gemma 2 (shared embedding, merged attention), Gemma 2 -> T5Gemma\n"
-                    "(balanced, or unbalanced with adapt.decoder_source). Writes safetensors, config,\n"
-                    "tokenizer, a model card and adapt_manifest.json (every tensor's source and checksum).\n"
-                    "Sources: a local directory, an s3:// prefix, a .gguf file, or builtin:gemma3-270m.",
-        epilog="the output loads with transformers.AutoModelForSeq2SeqLM.from_pretrained(OUT).\n"
-               "Re-running with the same config reuses a finished output.")
-    adapt.add_argument("config", metavar="CONFIG", help="YAML job config, e.g. configs/quickstart.yaml")
-    adapt.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    adapt.add_argument("--out", help="output directory or s3:// prefix (default: ROOT/NAME/adapted)")
-    adapt.add_argument("--root", help="run root (default: $T5ADAPT_ROOT or ./runs)")
-    adapt.add_argument("--force", action="store_true", help="replace an existing output made from another config")
+    _job_command(
+        commands, "run", "the whole adaptation: prepare -> adapt -> train -> evaluate -> export",
+        "Run one adaptation as content-addressed, resumable stages:\n"
+        "  prepare   corpus -> UL2 / PrefixLM examples on Ray Data, with a held-out part\n"
+        "  adapt     decoder-only source(s) -> encoder-decoder checkpoint (T5Gemma / T5Gemma 2)\n"
+        "  train     Ray Train + DeepSpeed ZeRO, checkpoints, the final model consolidated\n"
+        "  evaluate  held-out loss (per denoiser), the adaptation probe, inference cost, samples\n"
+        "  export    a Hugging Face directory with a model card\n"
+        "Each stage's output lives at STORE/<stage>-<key> (default STORE: ROOT/stages); a finished one\n"
+        "is reused by any run whose stage key is equal, and one being built is locked, so concurrent\n"
+        "runs wait for each other instead of building it twice. ROOT/NAME holds the resolved config\n"
+        "and a ledger; every run is an MLflow parent run with a nested run per stage.",
+        "examples:\n  t5adapt run configs/quickstart.yaml\n  t5adapt run configs/tiny.yaml --root /tmp/runs train.max_steps=60\n"
+        "  RAY_ADDRESS=ray://head:10001 t5adapt run my.yaml store=s3://bucket/t5adapt train.use_gpu=true\n"
+        "Interrupted (Ctrl-C, a crash, a lost node)? Run the same command again: finished stages are\n"
+        "reused and training resumes from its newest intact checkpoint.")
 
-    prepare = commands.add_parser(
-        "prepare", formatter_class=argparse.RawDescriptionHelpFormatter,
-        help="turn a text corpus into UL2 / PrefixLM training examples (Ray Data)",
-        description="Read a text corpus (JSON Lines, Parquet or plain text; local paths, globs or s3://\n"
-                    "prefixes), tokenize it with the source model's tokenizer on Ray Data, pack documents\n"
-                    "and build UL2 (mixture of denoisers) or PrefixLM examples. Writes Parquet shards\n"
-                    "(example_index, input_ids, decoder_input_ids, labels, denoiser), metadata.json\n"
-                    "(tokenizer, sentinel ids, denoiser table, lengths, bad-row counts) and COMMITTED.\n"
-                    "Bad rows are skipped and counted per reason and file. Output is byte-identical\n"
-                    "for the same config, whatever the number of workers.",
-        epilog="examples:\n  t5adapt prepare configs/tiny.yaml\n"
-               "  t5adapt prepare configs/quickstart.yaml --corpus 'data/*.jsonl' data.encoder_length=1024\n"
-               "Runs on the embedded local Ray unless RAY_ADDRESS points at a cluster.")
-    prepare.add_argument("config", metavar="CONFIG", help="YAML job config")
-    prepare.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    adapt = _job_command(
+        commands, "adapt", "build an encoder-decoder checkpoint from decoder-only checkpoint(s)",
+        "Build an encoder-decoder Hugging Face directory from decoder-only checkpoint(s):\n"
+        "Gemma 3 -> T5Gemma 2 (shared embedding, merged attention), Gemma 2 -> T5Gemma\n"
+        "(balanced, or unbalanced with adapt.decoder_source). Writes safetensors, config,\n"
+        "tokenizer, a model card and adapt_manifest.json (every tensor's source and checksum).\n"
+        "Sources: a local directory, an s3:// prefix, a .gguf file, or builtin:gemma3-270m.",
+        "the output loads with transformers.AutoModelForSeq2SeqLM.from_pretrained(OUT).\n"
+        "Re-running with the same config reuses a finished output.")
+    adapt.add_argument("--out", help="output directory or s3:// prefix (default: ROOT/stages/adapt-KEY)")
+    adapt.add_argument("--force", action="store_true", help="replace an --out made from another config")
+
+    prepare = _job_command(
+        commands, "prepare", "turn a text corpus into UL2 / PrefixLM training examples (Ray Data)",
+        "Read a text corpus (JSON Lines, Parquet or plain text, also .gz / .zst compressed; local\n"
+        "paths, globs or s3:// prefixes), tokenize it with the source model's tokenizer on Ray Data,\n"
+        "set aside a held-out part (data.heldout_fraction, by document), pack documents and build UL2\n"
+        "(mixture of denoisers) or PrefixLM examples. Writes Parquet shards, heldout/, metadata.json\n"
+        "(tokenizer, sentinel ids, denoiser table, lengths, bad-row counts) and COMMITTED.\n"
+        "Bad rows are skipped and counted per reason and file. Output is byte-identical for the same\n"
+        "config, whatever the number of workers.",
+        "examples:\n  t5adapt prepare configs/tiny.yaml\n"
+        "  t5adapt prepare configs/quickstart.yaml --corpus 'data/*.jsonl.gz' data.encoder_length=1024\n"
+        "Runs on the embedded local Ray unless RAY_ADDRESS points at a cluster.")
     prepare.add_argument("--corpus", action="append", metavar="PATH",
                          help="corpus file, glob, directory or s3:// prefix (repeatable; replaces data.corpus)")
-    prepare.add_argument("--out", help="output directory or s3:// prefix (default: ROOT/NAME/data)")
-    prepare.add_argument("--root", help="run root (default: $T5ADAPT_ROOT or ./runs)")
-    prepare.add_argument("--force", action="store_true", help="replace an existing output made from another config")
+    prepare.add_argument("--out", help="output directory or s3:// prefix (default: ROOT/stages/prepare-KEY)")
+    prepare.add_argument("--force", action="store_true", help="replace an --out made from another config")
 
-    train = commands.add_parser(
-        "train", formatter_class=argparse.RawDescriptionHelpFormatter,
-        help="train the adapted model on prepared examples (Ray Train + DeepSpeed ZeRO)",
-        description="Train an adapted encoder-decoder checkpoint on prepared UL2 / PrefixLM examples with\n"
-                    "Ray Train's TorchTrainer and DeepSpeed ZeRO (train.zero_stage), on the embedded local\n"
-                    "Ray (CPU workers, gloo) or a cluster (RAY_ADDRESS; train.use_gpu=true for NCCL + bf16).\n"
-                    "Missing default inputs are produced first: prepare (ROOT/NAME/data), then adapt\n"
-                    "(ROOT/NAME/adapted). Checkpoints (every train.checkpoint_every_steps, the newest\n"
-                    "train.keep_checkpoints kept) go to ROOT/NAME/train/checkpoints, or train.storage=s3://...\n"
-                    "At the end the final checkpoint is exported to ROOT/NAME/train/export, a Hugging Face\n"
-                    "directory. Every run is an MLflow run (default store: ROOT/mlflow.db).",
-        epilog="examples:\n  t5adapt train configs/tiny.yaml\n"
-               "  t5adapt train configs/quickstart.yaml train.max_steps=200 train.zero_stage=3\n"
-               "  RAY_ADDRESS=ray://head:10001 t5adapt train my.yaml train.use_gpu=true train.num_workers=16\n"
-               "Re-running the same command resumes from the newest intact checkpoint; a worker that dies\n"
-               "mid-run is restarted by Ray (train.max_failures times) from that checkpoint too.\n"
-               "Browse runs: mlflow ui --backend-store-uri sqlite:///ROOT/mlflow.db")
-    train.add_argument("config", metavar="CONFIG", help="YAML job config")
-    train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    train.add_argument("--root", help="run root (default: $T5ADAPT_ROOT or ./runs)")
-    train.add_argument("--force", action="store_true",
-                       help="delete checkpoints made from another training config and start over")
+    _job_command(
+        commands, "train", "prepare, adapt and train (the stages of `run` up to train)",
+        "Run the stages of `t5adapt run` up to training: prepare and adapt (reused when finished),\n"
+        "then Ray Train's TorchTrainer with DeepSpeed ZeRO (train.zero_stage) on the embedded local\n"
+        "Ray (CPU workers, gloo) or a cluster (RAY_ADDRESS; train.use_gpu=true for NCCL + bf16).\n"
+        "Checkpoints (every train.checkpoint_every_steps, the newest train.keep_checkpoints kept) go\n"
+        "to STORE/train-KEY/checkpoints; the final one is consolidated into STORE/train-KEY/model.",
+        "examples:\n  t5adapt train configs/tiny.yaml\n"
+        "  t5adapt train configs/quickstart.yaml train.max_steps=200 train.zero_stage=3\n"
+        "Re-running the same command resumes from the newest intact checkpoint; a worker that dies\n"
+        "mid-run is restarted by Ray (train.max_failures times) from that checkpoint too.")
 
-    export = commands.add_parser(
-        "export", formatter_class=argparse.RawDescriptionHelpFormatter,
-        help="consolidate a training checkpoint's ZeRO shards into a Hugging Face directory",
-        description="Consolidate the ZeRO shards of a training checkpoint (default: the newest intact one)\n"
-                    "into a Hugging Face directory that plain transformers loads. `t5adapt train` does this\n"
-                    "at the end; this command does it on demand, e.g. for an earlier checkpoint or while a\n"
-                    "run is still going.",
-        epilog="example:\n  t5adapt export configs/tiny.yaml --step 10 --out /tmp/tiny-step10")
-    export.add_argument("config", metavar="CONFIG", help="the YAML job config the run was trained with")
-    export.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    export.add_argument("--step", type=int, help="checkpoint step (default: the newest intact one)")
-    export.add_argument("--out", help="output directory or s3:// prefix (default: STORAGE/export-stepN)")
-    export.add_argument("--root", help="run root (default: $T5ADAPT_ROOT or ./runs)")
+    export = _job_command(
+        commands, "export", "the trained model as a Hugging Face directory (or any checkpoint with --step)",
+        "Without --step: the stages of `t5adapt run` (reused when finished), with the export copied\n"
+        "to --out. With --step N: consolidate the ZeRO shards of training checkpoint N of this\n"
+        "config's train stage into a Hugging Face directory, e.g. while the run is still going.",
+        "examples:\n  t5adapt export configs/tiny.yaml --out /tmp/tiny-model\n"
+        "  t5adapt export configs/tiny.yaml --step 10 --out /tmp/tiny-step10")
+    export.add_argument("--step", type=int, help="a training checkpoint's step (default: the finished run)")
+    export.add_argument("--out", help="output directory or s3:// prefix")
+
+    ls = commands.add_parser("ls", help="list the runs under the root", description="A table of the runs under "
+                             "the root: name, pairing, each stage's state, held-out loss, last update.")
+    ls.add_argument("--root", help=_ROOT_HELP)
+    show = commands.add_parser("show", help="one run's stages, keys, states, timings and paths",
+                               description="One run in full: run key, MLflow run, and per stage its key, state, "
+                                           "timing, main numbers and output location.")
+    show.add_argument("run", metavar="RUN", help="the run's name (config key `name`)")
+    show.add_argument("--root", help=_ROOT_HELP)
+    ui = commands.add_parser("ui", help="open the MLflow UI on the run store (bound to 127.0.0.1)",
+                             description="Start the MLflow UI on the root's tracking store, bound to 127.0.0.1, "
+                                         "and print its URL. Ctrl-C stops it.")
+    ui.add_argument("--root", help=_ROOT_HELP)
+    ui.add_argument("--port", type=int, default=5000, help="port (default 5000)")
 
     config = commands.add_parser("config", help="inspect configs",
                                  description="Inspect job configs without running anything.")
@@ -109,58 +133,102 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _adapt(args) -> None:
-    from jobs.adapt.stage import run_adapt
+def _load(args, extra_overrides=()):
     from orchestrator.config import default_root, load_config
 
-    job = load_config(args.config, args.overrides)
-    out = args.out or os.path.join(args.root or default_root(), job.name, "adapted")
-    run_adapt(job.adapt, out, force=args.force, data_cfg=job.data)
-    print(f"adapted checkpoint: {out}")
+    return load_config(args.config, list(args.overrides) + list(extra_overrides)), args.root or default_root()
+
+
+def _run_stages(args, stages, outputs=None, force=False):
+    from jobs.core.tracking import tracking_uri
+    from orchestrator import report
+    from orchestrator.controller import run
+
+    job, root = _load(args)
+    current = run(job, root, stages, outputs={k: v for k, v in (outputs or {}).items() if v}, force=force)
+    print()
+    print(report.summary(current, tracking_uri(job.tracking, root) if job.tracking.enabled else None))
+    return current
+
+
+def _run(args) -> None:
+    _run_stages(args, ("prepare", "adapt", "train", "evaluate", "export"))
+
+
+def _adapt(args) -> None:
+    current = _run_stages(args, ("adapt",), {"adapt": args.out}, force=args.force)
+    print(f"adapted checkpoint: {current.stages['adapt'].output}")
 
 
 def _prepare(args) -> None:
-    from jobs.data.stage import run_prepare
-    from orchestrator.config import default_root, load_config
-    from orchestrator.tracking import tracking_uri
-
-    overrides = list(args.overrides)
     if args.corpus:
-        overrides.append("data.corpus=[" + ",".join("{path: '%s'}" % p.replace("'", "''") for p in args.corpus) + "]")
-    job = load_config(args.config, overrides)
-    root = args.root or default_root()
-    out = args.out or os.path.join(root, job.name, "data")
-    metadata = run_prepare(job.data, job.data.tokenizer or job.adapt.source, out, force=args.force)
-    if job.tracking.enabled:
-        from jobs.data.stage import log_to_mlflow
-
-        run_id = log_to_mlflow(job.tracking, root, job.name, metadata, out)
-        print(f"MLflow run {run_id} at {tracking_uri(job.tracking, root)}")
+        args.overrides = list(args.overrides) + [
+            "data.corpus=[" + ",".join("{path: '%s'}" % p.replace("'", "''") for p in args.corpus) + "]"]
+    current = _run_stages(args, ("prepare",), {"prepare": args.out}, force=args.force)
+    metadata = current.results["prepare"]
     bad = metadata["bad_rows"]
     print(f"prepared {metadata['num_examples']} examples in {len(metadata['files'])} files "
-          f"(padding {metadata['padding_fraction']:.1%}, bad rows skipped: {bad['total']} {bad['by_reason']}): {out}")
+          f"(padding {metadata['padding_fraction']:.1%}, bad rows skipped: {bad['total']} {bad['by_reason']}): "
+          f"{current.stages['prepare'].output}")
 
 
 def _train(args) -> None:
-    from jobs.train.stage import run_train
-    from orchestrator.config import default_root, load_config
-
-    job = load_config(args.config, args.overrides)
-    summary = run_train(job, args.root or default_root(), force=args.force)
-    diff = summary["probe_max_abs_diff"]
-    print(f"trained to step {summary['step']}; checkpoints in {summary['storage']}/checkpoints")
-    print(f"exported: {summary['export']}" + (f" (reproduces the trained logits, max |diff| {diff:.2g})" if diff is not None else ""))
-    if summary["mlflow_run_id"]:
-        print(f"MLflow run {summary['mlflow_run_id']}")
+    current = _run_stages(args, ("prepare", "adapt", "train"))
+    result = current.results["train"]
+    diff = result.get("probe_max_abs_diff")
+    print(f"trained to step {result['step']}; model: {result['model']}"
+          + (f" (reproduces the trained logits, max |diff| {diff:.2g})" if diff is not None else ""))
 
 
 def _export(args) -> None:
+    if args.step is None:
+        extra = [f"export.out={args.out}"] if args.out else []
+        args.overrides = list(args.overrides) + extra
+        current = _run_stages(args, ("prepare", "adapt", "train", "evaluate", "export"))
+        print(f"exported: {args.out or current.stages['export'].output}")
+        return
+    from jobs.core import storage
     from jobs.train.stage import export_checkpoint
-    from orchestrator.config import default_root, load_config
+    from orchestrator import keys
 
-    job = load_config(args.config, args.overrides)
-    info = export_checkpoint(job, args.root or default_root(), args.step, args.out)
+    job, root = _load(args)
+    stages = keys.plan_stages(job, root, keys.denoising_plan(job))
+    train = stages["train"].output
+    out = args.out or storage.join(train, f"export-step{args.step}")
+    info = export_checkpoint(train, stages["adapt"].output, args.step, out)
     print(f"exported checkpoint step {info['step']}: {info['out']}")
+
+
+def _ls(args) -> None:
+    from orchestrator import report
+    from orchestrator.config import default_root
+
+    print(report.ls(args.root or default_root()))
+
+
+def _show(args) -> None:
+    from orchestrator import report
+    from orchestrator.config import default_root
+
+    print(report.show(args.root or default_root(), args.run))
+
+
+def _ui(args) -> None:
+    import subprocess
+
+    from jobs.core.tracking import TrackingConfig, tracking_uri
+    from orchestrator.config import default_root
+
+    root = args.root or default_root()
+    uri = tracking_uri(TrackingConfig(), root)
+    if uri.startswith("sqlite:///") and not os.path.isfile(uri[len("sqlite:///"):]):
+        raise UserError(f"no MLflow store at {uri}: run something first (t5adapt run CONFIG --root {root})")
+    print(f"MLflow UI for {uri}: http://127.0.0.1:{args.port}  (Ctrl-C stops it)", flush=True)
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
+               "--port", str(args.port)]
+    if uri.startswith("sqlite:///"):
+        command += ["--default-artifact-root", os.path.join(os.path.abspath(root), "mlartifacts")]
+    subprocess.run(command, check=False)
 
 
 def _config_show(args) -> None:
@@ -180,8 +248,8 @@ def main(argv=None) -> int:
     if extra:
         args.overrides = list(args.overrides) + extra
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    handler = {"adapt": _adapt, "prepare": _prepare, "train": _train, "export": _export,
-               "config": _config_show}[args.command]
+    handler = {"run": _run, "adapt": _adapt, "prepare": _prepare, "train": _train, "export": _export, "ls": _ls,
+               "show": _show, "ui": _ui, "config": _config_show}[args.command]
     try:
         handler(args)
     except UserError as e:
@@ -190,6 +258,10 @@ def main(argv=None) -> int:
     except RunFailed as e:
         print(f"t5adapt: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("\nt5adapt: interrupted. Finished stages and training checkpoints are kept; run the same "
+              "command again to resume.", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -10,7 +10,7 @@ import difflib
 import os
 import re
 from dataclasses import dataclass, field
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import yaml
 from omegaconf import MISSING, OmegaConf
@@ -18,9 +18,11 @@ from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBas
 
 from jobs.adapt.config import AdaptConfig
 from jobs.data.config import DataConfig
+from jobs.evaluate.config import EvaluateConfig
+from jobs.export.config import ExportConfig
 from jobs.train.config import TrainConfig
-from orchestrator.errors import UserError
-from orchestrator.tracking import TrackingConfig
+from jobs.core.errors import UserError
+from jobs.core.tracking import TrackingConfig
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -32,7 +34,12 @@ class JobConfig:
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    # Where stage outputs live (a directory or an s3:// prefix), each at STORE/<stage>-<key>.
+    # Default: ROOT/stages. Runs and sweep trials with equal stage keys share one output.
+    store: Optional[str] = None
 
     def __post_init__(self):
         if not _NAME.match(self.name):

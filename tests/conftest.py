@@ -34,7 +34,7 @@ def isolated_cache(tmp_path_factory):
 
 
 def builtin_path(name: str) -> str:
-    from jobs.adapt import builtin
+    from jobs.core import builtin
 
     return builtin.materialise(name)
 

@@ -11,13 +11,20 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokeni
 from jobs.adapt.stage import STAGE_INFO, build_in_memory, run_adapt
 from orchestrator.cli import main
 from orchestrator.config import load_config
-from orchestrator.errors import UserError
+from jobs.core.errors import UserError
 
 from .conftest import REPO, builtin_path
 
 TINY = os.path.join(REPO, "configs", "tiny.yaml")
 GEMMA2 = ["adapt.source=builtin:tiny-gemma2"]
 UNBALANCED = GEMMA2 + ["adapt.decoder_source=builtin:tiny-gemma2-narrow", "adapt.cross_attn_warmup_steps=5"]
+
+
+def adapted(cfg, out, force=False):
+    """run_adapt under the stage key the controller would give it (no data plan recorded)."""
+    from orchestrator.keys import adapt_key
+
+    return run_adapt(cfg, out, adapt_key(cfg, None), force=force)
 
 
 def adapt_cfg(*overrides):
@@ -144,7 +151,7 @@ def test_t5gemma_encoder_scale_zero_reproduces_source_without_surgery():
 
 
 def test_unbalanced_shapes_and_warmup_marker(tmp_path):
-    out = run_adapt(adapt_cfg(*UNBALANCED), str(tmp_path / "out"))
+    out = adapted(adapt_cfg(*UNBALANCED), str(tmp_path / "out"))
     model = AutoModelForSeq2SeqLM.from_pretrained(out)
     config = model.config
     assert (config.encoder.hidden_size, config.decoder.hidden_size) == (64, 48)
@@ -192,7 +199,7 @@ def test_export_reloads_with_identical_logits_and_generates(tmp_path):
     assert len(files) > 1 and os.path.isfile(os.path.join(out, "model.safetensors.index.json"))
     manifest = json.load(open(os.path.join(out, "adapt_manifest.json")))
     assert manifest["files"] == files
-    from jobs.adapt.tensors import tensor_sha256
+    from jobs.core.tensors import tensor_sha256
     stored = {}
     for file in files:
         with safe_open(os.path.join(out, file), "pt") as f:
@@ -205,7 +212,7 @@ def test_export_reloads_with_identical_logits_and_generates(tmp_path):
 
 
 def test_bfloat16_export_loads(tmp_path):
-    out = run_adapt(adapt_cfg("adapt.dtype=bfloat16"), str(tmp_path / "bf16"))
+    out = adapted(adapt_cfg("adapt.dtype=bfloat16"), str(tmp_path / "bf16"))
     model = AutoModelForSeq2SeqLM.from_pretrained(out)
     assert model.model.decoder.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
     reference = source_tensors("builtin:tiny-gemma3")["layers.0.mlp.up_proj.weight"].to(torch.bfloat16)
@@ -214,17 +221,17 @@ def test_bfloat16_export_loads(tmp_path):
 
 def test_finished_output_is_reused_and_never_overwritten_silently(tmp_path):
     out = str(tmp_path / "out")
-    run_adapt(adapt_cfg(), out)
+    adapted(adapt_cfg(), out)
     stamp = os.path.getmtime(os.path.join(out, "config.json"))
-    run_adapt(adapt_cfg(), out)  # same config: reused
+    adapted(adapt_cfg(), out)  # same config: reused
     assert os.path.getmtime(os.path.join(out, "config.json")) == stamp
     with pytest.raises(UserError, match=r"holds finished output made from another config.*--force"):
-        run_adapt(adapt_cfg("adapt.decoder_layers=first:2"), out)
-    run_adapt(adapt_cfg("adapt.decoder_layers=first:2"), out, force=True)
+        adapted(adapt_cfg("adapt.decoder_layers=first:2"), out)
+    adapted(adapt_cfg("adapt.decoder_layers=first:2"), out, force=True)
     assert AutoModelForSeq2SeqLM.from_pretrained(out).config.decoder.num_hidden_layers == 2
     assert not os.path.exists(out + ".partial")
     # Without its COMMITTED marker an output is an interrupted attempt: redone, not refused.
     os.remove(os.path.join(out, "COMMITTED"))
-    run_adapt(adapt_cfg(), out)
+    adapted(adapt_cfg(), out)
     assert AutoModelForSeq2SeqLM.from_pretrained(out).config.decoder.num_hidden_layers == 6
     assert os.path.isfile(os.path.join(out, "COMMITTED"))

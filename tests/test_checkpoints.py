@@ -5,7 +5,7 @@ import logging
 import os
 
 from jobs.train import checkpoints
-from orchestrator import storage
+from jobs.core import storage
 
 
 def _fake_checkpoint(root, step, committed=True, payload=b"weights"):

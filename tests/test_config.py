@@ -9,7 +9,7 @@ import pytest
 from jobs.adapt.config import select_layers
 from orchestrator.cli import main
 from orchestrator.config import load_config, to_yaml
-from orchestrator.errors import UserError
+from jobs.core.errors import UserError
 
 from .conftest import REPO
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-from jobs.adapt import builtin
-from jobs.shipped_text import prose_documents
+from jobs.core import builtin
+from jobs.core.shipped_text import prose_documents
 from orchestrator.cli import main
 
 from .conftest import REPO

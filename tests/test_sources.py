@@ -12,14 +12,21 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSeq2SeqLM, LlamaConfig, LlamaForCausalLM
 
 from jobs.adapt.stage import build_in_memory, run_adapt
-from jobs.adapt.tensors import SafetensorsReader, StreamingWriter
+from jobs.core.tensors import SafetensorsReader, StreamingWriter
 from orchestrator.cli import main
 from orchestrator.config import load_config
-from orchestrator.errors import UserError
+from jobs.core.errors import UserError
 
 from .conftest import REPO, builtin_path
 
 TINY = os.path.join(REPO, "configs", "tiny.yaml")
+
+
+def adapted(cfg, out, force=False):
+    """run_adapt under the stage key the controller would give it (no data plan recorded)."""
+    from orchestrator.keys import adapt_key
+
+    return run_adapt(cfg, out, adapt_key(cfg, None), force=force)
 
 
 def adapt_cfg(*overrides):
@@ -62,7 +69,7 @@ def test_missing_tensor_is_named(tmp_path):
     save_file(tensors, shard, metadata={"format": "pt"})
     with pytest.raises(UserError, match=r"has no tensor layers\.3\.mlp\.down_proj\.weight \(needed for "
                                         r"model\.encoder\.text_model\.layers\.3\.mlp\.down_proj\.weight\)"):
-        run_adapt(adapt_cfg(f"adapt.source={path}"), str(tmp_path / "out"))
+        adapted(adapt_cfg(f"adapt.source={path}"), str(tmp_path / "out"))
     assert not os.path.exists(tmp_path / "out")  # nothing half-written where the output belongs
 
 
@@ -159,7 +166,7 @@ def test_s3_errors_name_the_prefix(s3_endpoint):
 
 def _materialise_in(cache, name, results):
     os.environ["T5ADAPT_CACHE"] = cache
-    from jobs.adapt import builtin
+    from jobs.core import builtin
 
     path = builtin.materialise(name)
     results.put(sorted(os.listdir(path)))

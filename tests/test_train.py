@@ -41,6 +41,32 @@ def _train_run(root, name):
     return client, runs[0]
 
 
+def _stage(root, stage, name="tiny"):
+    """Where a stage of run `name` put its output (from the run's ledger)."""
+    from orchestrator import ledger
+
+    return ledger.read(os.path.join(root, name))["stages"][stage]["output"]
+
+
+def _copy_inputs(reference, root):
+    """Give a new root the reference's prepare and adapt outputs: same stage keys, so they are reused."""
+    import shutil
+
+    for stage in ("prepare", "adapt"):
+        source = _stage(reference["root"], stage)
+        shutil.copytree(source, os.path.join(root, "stages", os.path.basename(source)))
+
+
+def _train_alone(reference, storage_root, overrides, init=None, run_id=None, root=None):
+    """The train job by itself on the reference's prepared data and adapted model."""
+    from jobs.train.stage import run_train
+
+    job = load_config(TINY, overrides)
+    uri = f"sqlite:///{os.path.abspath(root)}/mlflow.db" if run_id else None
+    return job, run_train(job.train, _stage(reference["root"], "prepare"), init or _stage(reference["root"], "adapt"),
+                          storage_root, key="test-" + "-".join(overrides), tracking_uri=uri, mlflow_run_id=run_id)
+
+
 def _loss_by_step(client, run_id, key="loss"):
     """The last logged value per step (a replayed step after a restart overrides the first try)."""
     history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)
@@ -67,15 +93,18 @@ def test_train_from_empty_root_learns_tracks_and_exports(reference):
     first, last = np.mean([losses[s] for s in (1, 2, 3)]), np.mean([losses[s] for s in (28, 29, 30)])
     assert last < first - 0.5, (first, last)
     assert run.info.status == "FINISHED"
-    assert run.data.params["train.zero_stage"] == "2" and run.data.params["data.encoder_length"] == "64"
+    assert run.data.params["train.zero_stage"] == "2"
+    parent = client.get_run(run.data.tags["mlflow.parentRunId"])
+    assert parent.data.params["data.encoder_length"] == "64" and parent.info.run_name == "tiny"
     for key in ("lr", "grad_norm", "tokens_per_s", "step_time_s", "mfu", "data_wait_fraction", "loss_by_denoiser/S",
                 "loss_by_denoiser/X64_r0.5", "params_trainable"):
         assert key in run.data.metrics, key
     assert 0 < run.data.metrics["mfu"] < 1 and 0 <= run.data.metrics["data_wait_fraction"] < 1
     # The prepare stage logged its own run beside it.
-    assert client.search_runs([run.info.experiment_id], "attributes.run_name = 'tiny/prepare'")
+    prepare = client.search_runs([run.info.experiment_id], "attributes.run_name = 'tiny/prepare'")
+    assert prepare and prepare[0].data.tags["mlflow.parentRunId"] == parent.info.run_id
 
-    storage = os.path.join(root, "tiny", "train")
+    storage = _stage(root, "train")
     assert checkpoints.committed_steps(storage) == [30, 20]  # keep_checkpoints=2: step 10 pruned
     assert sorted(os.listdir(os.path.join(storage, "checkpoints"))) == ["step-000020", "step-000030"]
     for step in (20, 30):
@@ -86,14 +115,14 @@ def test_train_from_empty_root_learns_tracks_and_exports(reference):
     assert run.data.tags["t5adapt.last_checkpoint"] == checkpoints.step_dir(storage, 30)
 
     # The export loads with plain transformers and reproduces the engine's logits on the probe batch.
-    export = os.path.join(storage, "export")
+    export = os.path.join(storage, "model")
     model = AutoModelForSeq2SeqLM.from_pretrained(export, dtype=torch.float32).eval()
     probe = torch.load(os.path.join(checkpoints.step_dir(storage, 30), checkpoints.PROBE))
     with torch.no_grad():
         logits = model(**probe["inputs"]).logits
     assert torch.equal(logits, probe["logits"])
     # ... and it is the trained model, not the initial one.
-    initial = AutoModelForSeq2SeqLM.from_pretrained(os.path.join(root, "tiny", "adapted"), dtype=torch.float32).eval()
+    initial = AutoModelForSeq2SeqLM.from_pretrained(_stage(root, "adapt"), dtype=torch.float32).eval()
     with torch.no_grad():
         assert not torch.equal(initial(**probe["inputs"]).logits, logits)
     info = json.load(open(os.path.join(export, "t5adapt_train.json")))
@@ -116,13 +145,14 @@ def _kill_a_worker_after(path, stop):
 
 def test_killed_worker_recovers_and_replays_the_same_losses(reference):
     root = str(reference["root"]) + "-killed"
-    data, init = (os.path.join(reference["root"], "tiny", d) for d in ("data", "adapted"))
-    marker = os.path.join(root, "tiny", "train", "checkpoints", "step-000010", "COMMITTED")
+    _copy_inputs(reference, root)
+    marker = os.path.join(root, "stages", os.path.basename(_stage(reference["root"], "train")), "checkpoints",
+                          "step-000010", "COMMITTED")
     stop = threading.Event()
     killer = threading.Thread(target=_kill_a_worker_after, args=(marker, stop), daemon=True)
     killer.start()
     try:
-        assert main(["train", TINY, "--root", root, f"train.data={data}", f"train.init={init}"]) == 0
+        assert main(["train", TINY, "--root", root]) == 0
     finally:
         stop.set()
     assert hasattr(stop, "kill_time"), "no worker was killed"
@@ -135,45 +165,46 @@ def test_killed_worker_recovers_and_replays_the_same_losses(reference):
 
 
 def test_zero3_on_s3_resumes_from_previous_checkpoint_when_newest_is_corrupt(ray_cluster, reference, tmp_path):
+    """Every stage output on S3 (store=s3://...): ZeRO-3 checkpoints there; a damaged newest shard is
+    skipped on the re-run, which resumes from the previous checkpoint and replays the same losses."""
     import boto3
 
+    from jobs.core import storage
     from jobs.train import checkpoints
-    from jobs.train.stage import run_train
-    from orchestrator import storage
 
     boto3.client("s3").create_bucket(Bucket="train-ckpt")
     root = str(tmp_path)
-    data, init = (os.path.join(reference["root"], "tiny", d) for d in ("data", "adapted"))
     overrides = ["train.zero_stage=3", "train.max_steps=8", "train.checkpoint_every_steps=4",
-                 "train.storage=s3://train-ckpt/runs/tiny-z3", f"train.data={data}", f"train.init={init}"]
-    job = load_config(TINY, overrides)
-    first = run_train(job, root)
-    assert first["step"] == 8 and first["probe_max_abs_diff"] == 0.0
-    assert checkpoints.committed_steps("s3://train-ckpt/runs/tiny-z3") == [8, 4]
+                 "store=s3://train-ckpt/stages"]
+    assert main(["train", TINY, "--root", root] + overrides) == 0
+    train = _stage(root, "train")
+    assert train.startswith("s3://train-ckpt/stages/train-")
+    assert checkpoints.committed_steps(train) == [8, 4]
     client, run = _train_run(root, "tiny")
     losses = _loss_by_step(client, run.info.run_id)
     assert np.mean([losses[7], losses[8]]) < np.mean([losses[1], losses[2]]) - 0.3, losses
 
-    # Flip bytes in one ZeRO-3 shard of the newest checkpoint, keeping its size.
-    newest = checkpoints.step_dir("s3://train-ckpt/runs/tiny-z3", 8)
-    shard = next(name for name in checkpoints.read_manifest("s3://train-ckpt/runs/tiny-z3", 8)["files"]
+    # Flip bytes in one ZeRO-3 shard of the newest checkpoint, keeping its size, and take the
+    # stage's marker away (as if the run had died before finishing), so the stage is built again.
+    shard = next(name for name in checkpoints.read_manifest(train, 8)["files"]
                  if "zero_pp_rank_1" in name and "optim" in name)
-    bucket, key = storage.split_s3(storage.join(newest, shard))
+    bucket, key = storage.split_s3(storage.join(checkpoints.step_dir(train, 8), shard))
     body = bytearray(boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read())
     body[len(body) // 2:len(body) // 2 + 64] = bytes(64)
     boto3.client("s3").put_object(Bucket=bucket, Key=key, Body=bytes(body))
+    storage.delete_file(storage.join(train, "COMMITTED"))
 
-    again = run_train(job, root)  # the same command again
-    assert again["step"] == 8 and again["mlflow_run_id"] == run.info.run_id  # the same MLflow run, reopened
+    assert main(["train", TINY, "--root", root] + overrides) == 0  # the same command again
+    client, again = _train_run(root, "tiny")
+    assert again.info.run_id == run.info.run_id  # the same MLflow run, reopened
     resumed = [m.value for m in client.get_metric_history(run.info.run_id, "resumed_from_step")]
     assert resumed == [4]  # the damaged step 8 was skipped for step 4
     replayed = _loss_by_step(client, run.info.run_id)
     assert [replayed[s] for s in range(5, 9)] == [losses[s] for s in range(5, 9)]
-    assert checkpoints.verify("s3://train-ckpt/runs/tiny-z3", 8, checkpoints.fetch("s3://train-ckpt/runs/tiny-z3", 8)) is None
+    assert checkpoints.verify(train, 8, checkpoints.fetch(train, 8)) is None
     from transformers import AutoModelForSeq2SeqLM
 
-    exported = storage.download_prefix("s3://train-ckpt/runs/tiny-z3/export")
-    AutoModelForSeq2SeqLM.from_pretrained(exported)
+    AutoModelForSeq2SeqLM.from_pretrained(storage.download_prefix(storage.join(train, "model")))
 
 
 UNBALANCED = ["adapt.source=builtin:tiny-gemma2", "adapt.decoder_source=builtin:tiny-gemma2-narrow", "name=tiny-t5gemma"]
@@ -192,8 +223,8 @@ def test_unbalanced_pair_warms_up_cross_attention_alone(ray_cluster, tmp_path):
                               "train.keep_checkpoints=3", "train.lr=0.01", "train.warmup_steps=0",
                               "train.activation_checkpointing=true"]
     assert main(["train", TINY, "--root", root] + overrides) == 0
-    storage = os.path.join(root, "tiny-t5gemma", "train")
-    adapted = os.path.join(root, "tiny-t5gemma", "adapted")
+    storage = _stage(root, "train", "tiny-t5gemma")
+    adapted = _stage(root, "adapt", "tiny-t5gemma")
     initial = {}
     for name in os.listdir(adapted):
         if name.endswith(".safetensors"):
@@ -223,7 +254,7 @@ def poisoned_init(reference, tmp_path_factory):
     from safetensors.torch import load_file, save_file
 
     path = str(tmp_path_factory.mktemp("poisoned") / "adapted")
-    shutil.copytree(os.path.join(reference["root"], "tiny", "adapted"), path)
+    shutil.copytree(_stage(reference["root"], "adapt"), path)
     for name in os.listdir(path):
         if name.endswith(".safetensors"):
             tensors = load_file(os.path.join(path, name))
@@ -235,33 +266,27 @@ def poisoned_init(reference, tmp_path_factory):
     return path
 
 
-def _one_worker(reference, init, *extra):
-    data = os.path.join(reference["root"], "tiny", "data")
-    return ["train.num_workers=1", "train.zero_stage=1", "train.max_steps=2", f"train.data={data}",
-            f"train.init={init}"] + list(extra)
+ONE_WORKER = ["train.num_workers=1", "train.zero_stage=1", "train.max_steps=2"]
 
 
-def test_nonfinite_loss_stops_naming_the_step(reference, poisoned_init, tmp_path, capsys):
-    root = str(tmp_path)
-    assert main(["train", TINY, "--root", root] + _one_worker(reference, poisoned_init)) == 1
-    err = capsys.readouterr().err
-    assert "loss is not finite at step 1" in err and "train.on_nonfinite_loss=skip" in err
-    _, run = _train_run(root, "tiny")
-    assert run.info.status == "FAILED" and "step 1" in run.data.tags["t5adapt.error"]
+def test_nonfinite_loss_stops_naming_the_step(reference, poisoned_init, tmp_path):
+    from jobs.core.errors import RunFailed
+
+    with pytest.raises(RunFailed, match="loss is not finite at step 1.*train.on_nonfinite_loss=skip"):
+        _train_alone(reference, str(tmp_path / "train"), ONE_WORKER, init=poisoned_init)
 
 
 def test_nonfinite_loss_skip_discards_steps_and_counts_them(reference, poisoned_init, tmp_path):
-    from jobs.train.stage import run_train
-
-    job = load_config(TINY, _one_worker(reference, poisoned_init, "train.on_nonfinite_loss=skip"))
-    summary = run_train(job, str(tmp_path))
-    client, run = _train_run(str(tmp_path), "tiny")
-    assert run.info.status == "FINISHED" and run.data.metrics["skipped_steps"] == 2
+    client = _mlflow(tmp_path)
+    run_id = client.create_run(client.create_experiment("t5adapt")).info.run_id
+    _, summary = _train_alone(reference, str(tmp_path / "train"), ONE_WORKER + ["train.on_nonfinite_loss=skip"],
+                              init=poisoned_init, run_id=run_id, root=str(tmp_path))
+    assert client.get_run(run_id).data.metrics["skipped_steps"] == 2
     # DeepSpeed really discarded the steps: every weight is still the initial one (NaN where poisoned).
     from transformers import AutoModelForSeq2SeqLM
 
     initial = AutoModelForSeq2SeqLM.from_pretrained(poisoned_init).state_dict()
-    exported = AutoModelForSeq2SeqLM.from_pretrained(summary["export"]).state_dict()
+    exported = AutoModelForSeq2SeqLM.from_pretrained(summary["model"]).state_dict()
     assert set(initial) == set(exported)
     assert all(torch.equal(exported[k].nan_to_num(7.0), initial[k].nan_to_num(7.0)) for k in initial)
     assert any(initial[k].isnan().any() for k in initial)
@@ -275,7 +300,7 @@ def test_export_on_demand_writes_an_earlier_checkpoint(reference, tmp_path, caps
     assert main(["export", TINY, "--root", root, "--step", "20", "--out", out]) == 0
     assert json.load(open(os.path.join(out, "t5adapt_train.json")))["step"] == 20
     step20 = AutoModelForSeq2SeqLM.from_pretrained(out)
-    final = AutoModelForSeq2SeqLM.from_pretrained(os.path.join(root, "tiny", "train", "export"))
+    final = AutoModelForSeq2SeqLM.from_pretrained(os.path.join(_stage(root, "train"), "model"))
     assert any(not torch.equal(a, b) for a, b in zip(step20.parameters(), final.parameters()))
     assert main(["export", TINY, "--root", root, "--step", "10"]) == 2  # pruned: keep_checkpoints=2
     assert "no committed checkpoint for step 10" in capsys.readouterr().err
@@ -291,12 +316,9 @@ def test_zero0_one_worker_trains_exactly_like_a_plain_pytorch_loop(reference, tm
     from jobs.train.export import consolidated_state
     from jobs.train.loop import forward_loss
     from jobs.train.schedule import param_groups, set_learning_rate
-    from jobs.train.stage import run_train
-
-    data, init = (os.path.join(reference["root"], "tiny", name) for name in ("data", "adapted"))
-    job = load_config(TINY, ["train.num_workers=1", "train.zero_stage=0", "train.max_steps=2", f"train.data={data}",
-                             f"train.init={init}", "train.warmup_steps=0", "train.schedule=constant"])
-    summary = run_train(job, str(tmp_path))
+    data, init = _stage(reference["root"], "prepare"), _stage(reference["root"], "adapt")
+    job, summary = _train_alone(reference, str(tmp_path / "train"), [
+        "train.num_workers=1", "train.zero_stage=0", "train.max_steps=2", "train.warmup_steps=0", "train.schedule=constant"])
     assert summary["probe_max_abs_diff"] == 0.0
     trained = consolidated_state(checkpoints.step_dir(summary["storage"], 2))
 

@@ -8,7 +8,7 @@ import torch
 
 from orchestrator.cli import main
 from orchestrator.config import load_config
-from orchestrator.errors import UserError
+from jobs.core.errors import UserError
 
 TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.yaml")
 
@@ -123,14 +123,16 @@ def test_train_help_teaches(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = capsys.readouterr().out
-    for phrase in ("DeepSpeed ZeRO", "resumes from the newest intact checkpoint", "train.use_gpu=true", "mlflow ui"):
+    for phrase in ("DeepSpeed ZeRO", "resumes from the newest intact checkpoint", "train.use_gpu=true", "STORE/train-KEY"):
         assert phrase in text
 
 
-def test_explicit_missing_input_is_a_user_error(tmp_path, capsys):
-    code = main(["train", TINY, "--root", str(tmp_path), f"train.data={tmp_path}/nowhere"])
+def test_more_workers_than_the_machine_has_is_refused_before_anything_starts(tmp_path, capsys):
+    code = main(["train", TINY, "--root", str(tmp_path), "train.num_workers=100"])
     assert code == 2
-    assert f"train.data={tmp_path}/nowhere holds no finished prepare output" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "train.num_workers x train.cpus_per_worker = 100 x 1" in err and "this machine has" in err
+    assert not os.path.exists(tmp_path / "stages") or not os.listdir(tmp_path / "stages")  # nothing was built
 
 
 def test_zero_at_one_worker_without_offload_is_advised_against(caplog):

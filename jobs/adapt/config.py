@@ -46,6 +46,8 @@ class AdaptConfig:
             raise ValueError(f"adapt.encoder_scale={self.encoder_scale} must be in [0, 1] (1.0 = paper init)")
         if self.max_shard_mb < 1:
             raise ValueError(f"adapt.max_shard_mb={self.max_shard_mb} must be at least 1")
+        if self.seed < 0:
+            raise ValueError(f"adapt.seed={self.seed} must be >= 0")
         if self.cross_attn_warmup_steps < 0:
             raise ValueError(f"adapt.cross_attn_warmup_steps={self.cross_attn_warmup_steps} must be >= 0")
 

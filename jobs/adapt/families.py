@@ -17,8 +17,8 @@ from jobs.adapt.rules import (
     LAYER_RENAMES, Constant, Copy, EmbeddingRow, Normal, Rule, ScaledNorm, TargetTensor, check_plan_covers,
     init_rule_for_unused,
 )
-from jobs.adapt.sources import Source
-from orchestrator.errors import UserError
+from jobs.core.sources import Source
+from jobs.core.errors import UserError
 
 _SOURCE_SUFFIX = {target: source for source, target in LAYER_RENAMES.items()}
 # Config entries that describe a checkpoint file, not the architecture.

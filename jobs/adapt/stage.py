@@ -12,7 +12,7 @@ import os
 import shutil
 from collections import Counter
 from dataclasses import asdict
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from tqdm import tqdm
@@ -20,11 +20,11 @@ from tqdm import tqdm
 from jobs.adapt.config import AdaptConfig
 from jobs.adapt.families import DESIGNS, Design
 from jobs.adapt.rules import name_seed
-from jobs.adapt.sources import Source, open_source
-from jobs.adapt.tensors import StreamingWriter, tensor_sha256
-from orchestrator import storage
-from orchestrator.commits import commit, config_digest, publish, reusable, staging_dir
-from orchestrator.errors import UserError
+from jobs.core.sources import Source, open_source
+from jobs.core.tensors import StreamingWriter, tensor_sha256
+from jobs.core import storage
+from jobs.core.commits import commit, publish, reusable, staging_dir
+from jobs.core.errors import UserError
 
 log = logging.getLogger("t5adapt.adapt")
 MANIFEST = "adapt_manifest.json"
@@ -110,23 +110,24 @@ def build_in_memory(cfg: AdaptConfig, progress: bool = False) -> Tuple[torch.nn.
     return model.eval(), target, sources
 
 
-def run_adapt(cfg: AdaptConfig, out: str, force: bool = False, data_cfg=None) -> str:
+def run_adapt(cfg: AdaptConfig, out: str, key: str, denoising: Optional[dict] = None, force: bool = False) -> str:
     """Write the adapted checkpoint to `out` (a local directory or an s3:// prefix). Returns `out`.
 
-    With `data_cfg` (the job's data slice), the exported tokenizer_config.json records the sentinel
-    and mode tokens that preprocessing with that config uses (key "t5adapt_denoising"), so the
-    model and its tokenizer travel with the denoising vocabulary they are trained on.
+    `denoising` (the sentinel and mode tokens preprocessing uses, jobs/data/plan.denoising_tokens,
+    computed by the controller) is recorded in the exported tokenizer_config.json under
+    "t5adapt_denoising", so the model and its tokenizer travel with the denoising vocabulary they
+    are trained on. `key` is the stage key (it covers the config, the sources and `denoising`).
 
-    A committed output made from the same adapt config is reused, an uncommitted one redone;
-    committed output of another config is replaced only with force=True (orchestrator/commits.py).
+    A committed output of the same key is reused, an uncommitted one redone; committed output of
+    another key is replaced only with force=True (jobs/core/commits.py).
     """
-    digest = config_digest(cfg, data_cfg)
+    digest = key
     if reusable(out, STAGE_INFO, digest, force) is not None:
         return out
     if storage.is_s3(out):
         # Shards stream into local files; the finished directory is then published as a commit.
         local = os.path.join(storage.cache_dir(), "adapt-staging", digest)
-        run_adapt(cfg, local, force=True, data_cfg=data_cfg)
+        run_adapt(cfg, local, key, denoising, force=True)
         publish(local, out)
         shutil.rmtree(local, ignore_errors=True)
         return out
@@ -137,14 +138,14 @@ def run_adapt(cfg: AdaptConfig, out: str, force: bool = False, data_cfg=None) ->
                              cfg.max_shard_mb * 2**20)
     entries = materialise(cfg, sources, target.plan, writer.write)
     files = writer.close()
-    _write_metadata(cfg, staging, sources, target, entries, files, digest, data_cfg)
+    _write_metadata(cfg, staging, sources, target, entries, files, digest, denoising)
     commit(staging, out)
     counts = Counter(e["rule"].split("(")[0].split(":")[0] for e in entries)
     log.info("adapted %d tensors (%s) -> %s", len(entries), ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())), out)
     return out
 
 
-def _write_metadata(cfg, staging, sources, target: Design, entries, files, digest, data_cfg) -> None:
+def _write_metadata(cfg, staging, sources, target: Design, entries, files, digest, denoising) -> None:
     from transformers import GenerationConfig
 
     target.config.architectures = [target.model_class.__name__]
@@ -160,8 +161,8 @@ def _write_metadata(cfg, staging, sources, target: Design, entries, files, diges
     print("adapt: writing tokenizer", flush=True)
     tokenizer = sources["encoder"].load_tokenizer()
     tokenizer.save_pretrained(staging)
-    if data_cfg is not None:
-        _record_denoising_tokens(staging, tokenizer, data_cfg)
+    if denoising is not None:
+        _record_denoising_tokens(staging, denoising)
     with open(os.path.join(staging, MANIFEST), "w") as f:
         json.dump({"files": files, "tensors": entries}, f, indent=1)
     info = {
@@ -178,13 +179,11 @@ def _write_metadata(cfg, staging, sources, target: Design, entries, files, diges
         f.write(_model_card(cfg, sources, target, entries))
 
 
-def _record_denoising_tokens(staging: str, tokenizer, data_cfg) -> None:
-    from jobs.data.plan import denoising_tokens, make_plan
-
+def _record_denoising_tokens(staging: str, denoising: dict) -> None:
     path = os.path.join(staging, "tokenizer_config.json")
     with open(path) as f:
         tokenizer_config = json.load(f)
-    tokenizer_config["t5adapt_denoising"] = denoising_tokens(make_plan(data_cfg, tokenizer), tokenizer)
+    tokenizer_config["t5adapt_denoising"] = denoising
     with open(path, "w") as f:
         json.dump(tokenizer_config, f, indent=2)
 

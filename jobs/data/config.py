@@ -14,8 +14,11 @@ MODE_TOKENS = {"R": "[NLU]", "X": "[NLG]", "S": "[S2S]"}
 @dataclass
 class CorpusConfig:
     # A file, a glob, a directory, an s3:// prefix, or builtin:python-docs (English text shipped with CPython).
+    # Files ending in .gz, .zst or .zstd are decompressed as they are read.
     path: str = MISSING
-    format: str = "auto"  # auto picks by extension: .jsonl/.json, .parquet, anything else is plain text
+    # auto picks by extension, looking through .gz/.zst/.zstd: .jsonl/.json/.ndjson, .parquet, anything
+    # else is plain text
+    format: str = "auto"
     text_field: str = "text"  # the JSON Lines field or Parquet column holding the text
     weight: float = 1.0  # this source's share of the examples (a source is cycled to fill its share)
 
@@ -48,6 +51,10 @@ class DataConfig:
     seed: int = 0
     num_tokenizer_workers: int = 1  # Ray actors that tokenize (each loads the tokenizer once)
     documents_per_piece: int = 2000  # documents packed together: the unit of parallel work, one Parquet file
+    # Share of documents held out of training (chosen per document from data.seed and its place in the
+    # corpus), written to heldout/ for evaluation; 0 holds none out.
+    heldout_fraction: float = 0.05
+    heldout_max_tokens: int = 200000  # at most this many held-out tokens are written; the rest are dropped
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -75,6 +82,9 @@ class DataConfig:
         if self.encoder_length < 8 or self.decoder_length < 4:
             raise ValueError(f"data.encoder_length={self.encoder_length} and data.decoder_length={self.decoder_length} "
                              "are too short to hold an example (need at least 8 and 4)")
-        for key in ("num_tokenizer_workers", "documents_per_piece"):
+        for key in ("num_tokenizer_workers", "documents_per_piece", "heldout_max_tokens"):
             if getattr(self, key) < 1:
                 raise ValueError(f"data.{key}={getattr(self, key)} must be at least 1")
+        if not 0 <= self.heldout_fraction <= 0.5:
+            raise ValueError(f"data.heldout_fraction={self.heldout_fraction} must be between 0 (hold nothing out) "
+                             "and 0.5")

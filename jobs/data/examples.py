@@ -70,6 +70,20 @@ def build_examples(tokens: np.ndarray, start: int, count: int, plan: ExamplePlan
     return columns
 
 
+def examples_table(columns: Dict[str, list]):
+    """build_examples' columns as the Arrow table every examples file holds, training or held out:
+    example_index int64, input_ids / decoder_input_ids / labels list<int32> (unpadded), denoiser int32."""
+    import pyarrow as pa
+
+    return pa.table({
+        "example_index": pa.array(columns["example_index"], pa.int64()),
+        "input_ids": pa.array(columns["input_ids"], pa.list_(pa.int32())),
+        "decoder_input_ids": pa.array(columns["decoder_input_ids"], pa.list_(pa.int32())),
+        "labels": pa.array(columns["labels"], pa.list_(pa.int32())),
+        "denoiser": pa.array(columns["denoiser"], pa.int32()),
+    })
+
+
 def _prefix_splits(denoiser, plan: ExamplePlan, seed: int, index: np.ndarray) -> np.ndarray:
     """Encoder share of each S example: fixed, or uniform over the splits that fit both budgets."""
     from jobs.data import randomness

@@ -13,7 +13,7 @@ import numpy as np
 
 from jobs.data.config import MODE_TOKENS, DataConfig
 from jobs.data.spans import span_counts
-from orchestrator.errors import UserError
+from jobs.core.errors import UserError
 
 _RESERVED = re.compile(r"^<unused(\d+)>$")
 

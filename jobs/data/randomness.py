@@ -13,6 +13,8 @@ _MIX2 = np.uint64(0x94D049BB133111EB)
 
 # Streams: independent families of numbers per example.
 DENOISER, NOISE_CUTS, KEEP_CUTS, PREFIX_SPLIT = 1, 2, 3, 4
+# Per corpus document rather than per example: whether it is held out of training (jobs/data/corpus.py).
+HELDOUT = 5
 
 
 def _mix(z: np.ndarray) -> np.ndarray:

@@ -11,20 +11,14 @@ The data position is one number, the micro-batches each rank has consumed (the s
 a resumed rank skips that many. Ray Data cannot seek, so skipping re-reads (cheap next to a step).
 """
 
-import json
 from typing import Dict, Iterator
 
 import numpy as np
 
-from orchestrator import storage
-from orchestrator.errors import UserError
-
-COLUMNS = ["example_index", "input_ids", "decoder_input_ids", "labels", "denoiser"]
-IGNORE = -100  # label value the loss skips (padding)
-
-
-def read_metadata(data_dir: str) -> dict:
-    return json.loads(storage.read_text(storage.join(data_dir, "metadata.json")))
+from jobs.core import storage
+from jobs.core.errors import UserError
+# Readers shared with evaluation, benchmarks and tests live in jobs.core; re-exported here.
+from jobs.core.examples_io import COLUMNS, IGNORE, batch_of, make_collate, read_examples, read_metadata  # noqa: F401
 
 
 def batches_per_epoch(num_examples: int, num_workers: int, micro_batch_size: int, data_dir: str) -> int:
@@ -62,38 +56,6 @@ def ingest_options():
     return options
 
 
-def make_collate(encoder_length: int, decoder_length: int, pad_id: int):
-    """Collate for iter_torch_batches: ragged numpy columns -> fixed-shape torch tensors.
-
-    Out: input_ids, attention_mask [B, encoder_length]; decoder_input_ids, decoder_attention_mask,
-    labels [B, decoder_length] (labels IGNORE at padding); denoiser [B]. Fixed shapes keep every
-    step the same work, so step times and MFU compare across steps.
-    """
-
-    def collate(batch: Dict[str, np.ndarray]):
-        import torch
-
-        def pad(rows, length, value):
-            out = np.full((len(rows), length), value, dtype=np.int64)
-            for i, row in enumerate(rows):
-                out[i, :len(row)] = row
-            return torch.from_numpy(out)
-
-        input_ids = pad(batch["input_ids"], encoder_length, pad_id)
-        decoder_input_ids = pad(batch["decoder_input_ids"], decoder_length, pad_id)
-        labels = pad(batch["labels"], decoder_length, IGNORE)
-        lengths = torch.tensor([len(r) for r in batch["input_ids"]])
-        decoder_lengths = torch.tensor([len(r) for r in batch["labels"]])
-        positions = torch.arange(encoder_length)
-        decoder_positions = torch.arange(decoder_length)
-        return {"input_ids": input_ids, "attention_mask": (positions[None] < lengths[:, None]).long(),
-                "decoder_input_ids": decoder_input_ids,
-                "decoder_attention_mask": (decoder_positions[None] < decoder_lengths[:, None]).long(),
-                "labels": labels, "denoiser": torch.from_numpy(np.asarray(batch["denoiser"], dtype=np.int64))}
-
-    return collate
-
-
 def micro_batches(shard, start: int, per_epoch: int, micro_batch_size: int, collate) -> Iterator[dict]:
     """Endless micro-batches of one rank from position `start` (micro-batches already consumed)."""
     position = start
@@ -108,20 +70,3 @@ def micro_batches(shard, start: int, per_epoch: int, micro_batch_size: int, coll
                 continue
             yield batch
             position += 1
-
-
-def read_examples(data_dir: str):
-    """(metadata, rows): every prepared example of a local directory in example_index order, as ragged
-    numpy columns, without Ray (benchmarks and tests that train in one process)."""
-    import pyarrow.parquet as pq
-
-    metadata = read_metadata(data_dir)
-    tables = [pq.read_table(storage.join(data_dir, f["name"]), columns=COLUMNS) for f in metadata["files"]]
-    columns = {c: [np.asarray(x) for t in tables for x in t.column(c).to_pylist()] for c in COLUMNS}
-    order = np.argsort(columns["example_index"])
-    return metadata, {c: np.array([columns[c][i] for i in order], dtype=object) for c in COLUMNS}
-
-
-def batch_of(rows: dict, start: int, size: int, collate) -> dict:
-    """Examples start .. start + size - 1 of read_examples' rows, collated."""
-    return collate({c: v[start:start + size] for c, v in rows.items()})

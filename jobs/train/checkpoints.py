@@ -23,8 +23,8 @@ import shutil
 import tempfile
 from typing import Callable, Dict, List, Optional, Tuple
 
-from orchestrator import storage
-from orchestrator.commits import COMMIT_MARKER
+from jobs.core import storage
+from jobs.core.commits import COMMIT_MARKER
 
 log = logging.getLogger("t5adapt.train")
 MANIFEST = "manifest.json"

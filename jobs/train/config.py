@@ -50,11 +50,6 @@ class TrainConfig:
     log_every_steps: int = 1
     max_failures: int = 2  # dead-worker restarts (from the last committed checkpoint) before giving up
     seed: int = 0
-    # Where inputs and outputs live; defaults are inside the run directory (ROOT/NAME/...). Default
-    # inputs that are missing are produced first (prepare, adapt); an explicit one must exist.
-    data: Optional[str] = None  # prepared examples (default ROOT/NAME/data)
-    init: Optional[str] = None  # adapted checkpoint (default ROOT/NAME/adapted)
-    storage: Optional[str] = None  # checkpoints, Ray run state, export (default ROOT/NAME/train); s3:// too
     # Device peak for the MFU estimate, in TFLOP/s. None: a table for known GPUs; on CPU, a measured
     # dense matmul rate (see README, "MFU").
     peak_tflops_per_device: Optional[float] = None
@@ -95,6 +90,8 @@ class TrainConfig:
                              "newest checkpoint always has a predecessor to fall back on")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        if self.seed < 0:
+            raise ValueError(f"train.seed={self.seed} must be >= 0")
         if self.lr <= 0 or self.warmup_steps < 0 or self.grad_clip < 0 or self.max_failures < -1:
             raise ValueError("train.lr must be > 0, train.warmup_steps and train.grad_clip >= 0, "
                              "train.max_failures >= -1 (-1 retries forever)")

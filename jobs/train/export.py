@@ -17,8 +17,8 @@ from typing import Optional
 import torch
 
 from jobs.train import checkpoints
-from orchestrator import storage
-from orchestrator.commits import commit, publish, reusable, staging_dir
+from jobs.core import storage
+from jobs.core.commits import commit, publish, reusable, staging_dir
 
 log = logging.getLogger("t5adapt.train")
 INFO = "t5adapt_train.json"
@@ -55,7 +55,7 @@ def export(storage_root: str, step: int, init_dir: str, out: str, config_hash: s
     local_ckpt = checkpoints.fetch(storage_root, step)
     problem = None if verified else checkpoints.verify(storage_root, step, local_ckpt)
     if problem:
-        from orchestrator.errors import UserError
+        from jobs.core.errors import UserError
 
         raise UserError(f"checkpoint {checkpoints.step_dir(storage_root, step)} is damaged ({problem}): "
                         "export an earlier one (t5adapt export --step N)")
@@ -93,7 +93,7 @@ def export(storage_root: str, step: int, init_dir: str, out: str, config_hash: s
 
 def _reusable_quietly(out: str, digest: str) -> Optional[dict]:
     """An export of another checkpoint is simply replaced (it is derived data, not user work)."""
-    from orchestrator.errors import UserError
+    from jobs.core.errors import UserError
 
     try:
         return reusable(out, INFO, digest, force=False)

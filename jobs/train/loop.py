@@ -137,7 +137,7 @@ def build_engine(model: torch.nn.Module, groups: list, cfg: TrainConfig, world_s
 
 def stop(ctx: WorkerContext, spec: RunSpec, state: dict, reason: str) -> dict:
     """End the run on every rank without a retry; rank 0 leaves the reason for the driver."""
-    from orchestrator import storage
+    from jobs.core import storage
 
     if ctx.rank == 0:
         storage.write_text(storage.join(spec.storage, STOPPED), reason)
@@ -149,7 +149,7 @@ def load_model(init_dir: str, cfg: TrainConfig) -> torch.nn.Module:
     """The adapted checkpoint as a transformers module, in fp32 (DeepSpeed casts for bf16)."""
     from transformers import AutoModelForSeq2SeqLM
 
-    from orchestrator import storage
+    from jobs.core import storage
 
     model = AutoModelForSeq2SeqLM.from_pretrained(storage.local_copy(init_dir), dtype=torch.float32)
     if cfg.activation_checkpointing:

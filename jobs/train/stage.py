@@ -1,13 +1,12 @@
-"""The train stage on the driver: inputs, MLflow run, Ray Train's TorchTrainer, export.
+"""The train stage on the driver: checks, Ray Train's TorchTrainer, the final model.
 
-  1. inputs: the prepared data and the adapted checkpoint; default locations that hold nothing
-     committed are produced first (prepare, then adapt), explicit ones must exist.
-  2. checks: the data's tokenizer fits the model; checkpoints already in storage were made from
-     this config (else refuse, or start over with --force).
-  3. MLflow: one run per training job, reopened when the same command runs again.
-  4. Ray Train: TorchTrainer over loop.train, each rank streaming its own Ray Data dataset;
+  1. checks: the data's tokenizer fits the model; checkpoints already in storage were made from
+     this stage key (else refuse, or start over with force).
+  2. Ray Train: TorchTrainer over loop.train, each rank streaming its own Ray Data dataset;
      FailureConfig restarts a dead worker group, which resumes from the newest intact checkpoint.
-  5. export: the final checkpoint as a Hugging Face directory (STORAGE/export).
+  3. the final checkpoint consolidated into a Hugging Face directory, STORAGE/model.
+Inputs and outputs are explicit locations; the controller (orchestrator/controller.py) decides them
+and owns the MLflow runs: this job logs its metrics into the stage run it is handed.
 """
 
 import contextlib
@@ -16,98 +15,81 @@ import logging
 import os
 import threading
 import time
-from dataclasses import asdict, replace
 from typing import Optional
 
+from jobs.core import storage
+from jobs.core.errors import RunFailed, UserError
 from jobs.train import checkpoints
 from jobs.train.batches import ingest_options, rank_datasets, read_metadata
+from jobs.train.config import TrainConfig
 from jobs.train.loop import STOPPED, RunSpec
-from orchestrator import storage
-from orchestrator.commits import config_digest, is_committed
-from orchestrator.errors import RunFailed, UserError
 
 log = logging.getLogger("t5adapt.train")
-RUN_FILE = "mlflow_run.json"
-# Fields that do not change what the model learns: checkpoints from a run that differs only in
-# these are resumed (more failures allowed, another cadence, another storage). max_steps joins them
-# under a constant schedule (a run can be extended); a cosine's every step depends on it.
-_NOT_HASHED = ("max_steps", "checkpoint_every_steps", "keep_checkpoints", "log_every_steps", "max_failures",
-               "data", "init", "storage", "peak_tflops_per_device", "cpus_per_worker")
+MODEL = "model"  # STORAGE/model: the final checkpoint as a Hugging Face directory
 # Environment a worker needs from the driver's (never credentials: Ray records the loop config).
 _FORWARDED_ENV = ("T5ADAPT_CACHE", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "HF_HUB_OFFLINE",
                   "TRANSFORMERS_OFFLINE", "HF_HOME")
 
 
-def locations(job, root: str) -> dict:
-    """Absolute locations of the inputs and the storage: Ray Train runs workers in another directory."""
-    run_dir = os.path.join(root, job.name)
-    cfg = job.train
-    where = {"data": cfg.data or os.path.join(run_dir, "data"), "init": cfg.init or os.path.join(run_dir, "adapted"),
-             "storage": cfg.storage or os.path.join(run_dir, "train")}
-    return {k: v if storage.is_s3(v) else os.path.abspath(v) for k, v in where.items()}
+def cpus_needed(cfg: TrainConfig) -> float:
+    """Ray CPUs training takes: its workers, plus one for Ray Data's readers (without it the readers
+    wait forever behind the workers that wait for their data)."""
+    return cfg.num_workers * cfg.cpus_per_worker + 1
 
 
-def start_ray(cfg) -> None:
-    """Join or start Ray with room for the training workers plus one CPU for Ray Data's readers
-    (without it the readers wait forever behind the workers that wait for their data)."""
+def start_ray(cfg: TrainConfig) -> None:
     import ray
 
-    from orchestrator.ray_runtime import ensure_ray
+    from jobs.core.ray_runtime import ensure_ray, reserve_local_cpus
 
-    needed = cfg.num_workers * cfg.cpus_per_worker + 1
-    ensure_ray(min_cpus=int(needed + 0.999))
+    reserve_local_cpus(int(cpus_needed(cfg) + 0.999))  # counts only if this starts the embedded cluster
+    ensure_ray()
     available = ray.cluster_resources().get("CPU", 0)
-    if available < needed:
+    if available < cpus_needed(cfg):
         raise UserError(f"the Ray cluster has {available:g} CPUs; training needs train.num_workers x "
                         f"train.cpus_per_worker = {cfg.num_workers} x {cfg.cpus_per_worker:g} plus 1 for data loading: "
                         "lower those, or add nodes")
 
 
-def run_train(job, root: str, force: bool = False) -> dict:
-    """Train `job` (a JobConfig) under `root`; returns a summary (final step, export path, MLflow run)."""
-    where = locations(job, root)
-    check_explicit_inputs(job, where)
-    advise(job.train)
-    start_ray(job.train)
-    ensure_inputs(job, root, where)
-    metadata = read_metadata(where["data"])
-    adapt_info = json.loads(storage.read_text(storage.join(where["init"], "t5adapt_adapt.json")))
-    check_compatible(metadata, where)
-    trajectory = {k: v for k, v in asdict(job.train).items()
-                  if k not in _NOT_HASHED or (k == "max_steps" and job.train.schedule == "cosine")}
-    config_hash = config_digest(adapt_info["config_hash"], metadata["config_hash"], json.dumps(trajectory, sort_keys=True))
-    check_previous_checkpoints(where["storage"], config_hash, force)
-    if not storage.is_s3(where["storage"]):
-        os.makedirs(where["storage"], exist_ok=True)
-    spec = _spec(job, root, where, metadata, adapt_info, config_hash)
-    run_id = open_mlflow_run(job, root, where, spec)
-    spec = replace(spec, mlflow_run_id=run_id)
-    try:
-        # Verifying a checkpoint re-reads (for s3://, downloads) every file, so it happens once: here
-        # only if the run looks finished already (the workers verify what they resume from), then
-        # after training; export trusts that verification.
-        committed = checkpoints.committed_steps(where["storage"])
-        final = checkpoints.newest_intact(where["storage"]) if committed and committed[0] >= job.train.max_steps else None
-        if final is None or final < job.train.max_steps:
-            _fit(job, where, spec, metadata)
-            final = checkpoints.newest_intact(where["storage"])
-        if final is None or final < job.train.max_steps:
-            raise RunFailed(f"training ended without an intact checkpoint of step {job.train.max_steps} in "
-                            f"{checkpoints.folder(where['storage'])} (newest intact: {final}); re-run to resume")
-        from jobs.train.export import export
+def run_train(cfg: TrainConfig, data_dir: str, init_dir: str, storage_root: str, key: str,
+              tracking_uri: Optional[str] = None, mlflow_run_id: Optional[str] = None, force: bool = False) -> dict:
+    """Train the adapted model in `init_dir` on the examples in `data_dir`, with checkpoints under
+    `storage_root` (a directory or an s3:// prefix) and the final model at STORAGE/model. `key` is the
+    stage key every checkpoint records; a re-run resumes from the newest intact checkpoint of that
+    key. Metrics go to the MLflow run `mlflow_run_id` when given. Returns a summary (final step,
+    model location, probe difference, tokens seen)."""
+    advise(cfg)
+    metadata = read_metadata(data_dir)
+    adapt_info = json.loads(storage.read_text(storage.join(init_dir, "t5adapt_adapt.json")))
+    check_compatible(metadata, data_dir, init_dir)
+    check_previous_checkpoints(storage_root, key, force)
+    start_ray(cfg)
+    if not storage.is_s3(storage_root):
+        os.makedirs(storage_root, exist_ok=True)
+    spec = _spec(cfg, data_dir, init_dir, storage_root, metadata, adapt_info, key, tracking_uri, mlflow_run_id)
+    if mlflow_run_id:
+        from mlflow.tracking import MlflowClient
 
-        print(f"train: exporting checkpoint step {final} to {storage.join(where['storage'], 'export')}", flush=True)
-        info = export(where["storage"], final, where["init"], storage.join(where["storage"], "export"), config_hash,
-                      verified=True)
-    except BaseException as e:
-        close_mlflow_run(spec, "FAILED", error=str(e).splitlines()[0] if str(e) else type(e).__name__)
-        raise
-    close_mlflow_run(spec, "FINISHED", export=storage.join(where["storage"], "export"), step=final)
-    return {"step": final, "export": storage.join(where["storage"], "export"), "mlflow_run_id": run_id,
-            "probe_max_abs_diff": info.get("probe_max_abs_diff"), "storage": where["storage"]}
+        MlflowClient(tracking_uri).log_param(mlflow_run_id, "resolved.cross_attn_warmup_steps", spec.cross_attn_warmup_steps)
+    # Verifying a checkpoint re-reads (for s3://, downloads) every file, so it happens once: here
+    # only if the run looks finished already (the workers verify what they resume from), then after
+    # training; the export trusts that verification.
+    committed = checkpoints.committed_steps(storage_root)
+    final = checkpoints.newest_intact(storage_root) if committed and committed[0] >= cfg.max_steps else None
+    if final is None or final < cfg.max_steps:
+        _fit(cfg, data_dir, storage_root, spec, metadata, key)
+        final = checkpoints.newest_intact(storage_root)
+    if final is None or final < cfg.max_steps:
+        raise RunFailed(f"training ended without an intact checkpoint of step {cfg.max_steps} in "
+                        f"{checkpoints.folder(storage_root)} (newest intact: {final}); re-run to resume")
+    from jobs.train.export import export
 
-
-_PRODUCERS = (("data", "prepare"), ("init", "adapt"))
+    model = storage.join(storage_root, MODEL)
+    print(f"train: consolidating checkpoint step {final} into {model}", flush=True)
+    info = export(storage_root, final, init_dir, model, key, verified=True)
+    tokens = final * cfg.global_batch * (metadata["encoder_length"] + metadata["decoder_length"])
+    return {"step": final, "model": model, "probe_max_abs_diff": info.get("probe_max_abs_diff"),
+            "storage": storage_root, "tokens_seen_padded": tokens}
 
 
 def advise(cfg) -> None:
@@ -118,46 +100,20 @@ def advise(cfg) -> None:
                     "set train.zero_stage=0, or keep ZeRO for train.offload_optimizer", cfg.zero_stage)
 
 
-def check_explicit_inputs(job, where: dict) -> None:
-    """An input the config names must already be finished work (default ones are produced)."""
-    for key, stage in _PRODUCERS:
-        if getattr(job.train, key) is not None and not is_committed(where[key]):
-            raise UserError(f"train.{key}={where[key]} holds no finished {stage} output (no COMMITTED marker): "
-                            f"run `t5adapt {stage}` with --out {where[key]}, or drop train.{key} to build it in the run directory")
-
-
-def ensure_inputs(job, root: str, where: dict) -> None:
-    """Produce missing default inputs: prepare, then adapt."""
-    for key, stage in _PRODUCERS:
-        if is_committed(where[key]):
-            continue
-        print(f"train: {where[key]} is missing; running {stage} first", flush=True)
-        if stage == "prepare":
-            from jobs.data.stage import log_to_mlflow, run_prepare
-
-            metadata = run_prepare(job.data, job.data.tokenizer or job.adapt.source, where[key])
-            if job.tracking.enabled:
-                log_to_mlflow(job.tracking, root, job.name, metadata, where[key])
-        else:
-            from jobs.adapt.stage import run_adapt
-
-            run_adapt(job.adapt, where[key], data_cfg=job.data)
-
-
-def check_compatible(metadata: dict, where: dict) -> None:
+def check_compatible(metadata: dict, data_dir: str, init_dir: str) -> None:
     """The data must speak the model's vocabulary, with the sentinels the model was exported with."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(storage.local_copy(where["init"]))
+    config = AutoConfig.from_pretrained(storage.local_copy(init_dir))
     decoder = getattr(config.decoder, "text_config", None) or config.decoder
     if metadata["vocab_size"] > decoder.vocab_size:
-        raise UserError(f"{where['data']} was tokenized with {metadata['tokenizer']} ({metadata['vocab_size']} tokens), "
-                        f"more than the model in {where['init']} has ({decoder.vocab_size}): prepare the data with "
+        raise UserError(f"{data_dir} was tokenized with {metadata['tokenizer']} ({metadata['vocab_size']} tokens), "
+                        f"more than the model in {init_dir} has ({decoder.vocab_size}): prepare the data with "
                         "the model's tokenizer (data.tokenizer, default adapt.source)")
-    tokenizer_config = storage.join(where["init"], "tokenizer_config.json")
+    tokenizer_config = storage.join(init_dir, "tokenizer_config.json")
     recorded = json.loads(storage.read_text(tokenizer_config)).get("t5adapt_denoising") if storage.exists(tokenizer_config) else None
     if recorded and recorded.get("sentinel_ids") and recorded["sentinel_ids"] != metadata["sentinel_ids"]:
-        raise UserError(f"{where['data']} uses sentinel ids {metadata['sentinel_ids'][:4]}..., but {where['init']} "
+        raise UserError(f"{data_dir} uses sentinel ids {metadata['sentinel_ids'][:4]}..., but {init_dir} "
                         f"was exported with {recorded['sentinel_ids'][:4]}...: prepare and adapt from the same "
                         "tokenizer (data.tokenizer, adapt.source)")
 
@@ -184,47 +140,51 @@ def check_previous_checkpoints(storage_root: str, config_hash: str, force: bool)
     storage.delete_tree(storage.join(storage_root, "export"))
 
 
-def _spec(job, root: str, where: dict, metadata: dict, adapt_info: dict, config_hash: str) -> RunSpec:
-    from orchestrator.tracking import tracking_uri
-
+def _spec(cfg: TrainConfig, data_dir: str, init_dir: str, storage_root: str, metadata: dict, adapt_info: dict,
+          key: str, tracking_uri: Optional[str], mlflow_run_id: Optional[str]) -> RunSpec:
     warmup = adapt_info["cross_attn_warmup"]
     warmup_steps = 0
     if warmup["required"]:
-        warmup_steps = job.train.cross_attn_warmup_steps if job.train.cross_attn_warmup_steps is not None else warmup["steps"]
-        if warmup_steps >= job.train.max_steps:
+        warmup_steps = cfg.cross_attn_warmup_steps if cfg.cross_attn_warmup_steps is not None else warmup["steps"]
+        if warmup_steps >= cfg.max_steps:
             log.warning("the cross-attention warm-up (%d steps) covers the whole run (train.max_steps=%d): "
-                        "only cross-attention will train", warmup_steps, job.train.max_steps)
-    names = [d["name"] + (f"{d['mean_span']:g}_r{d['rate']:g}" if d.get("rate") else "") for d in metadata["denoisers"]]
-    return RunSpec(train=job.train, init_dir=where["init"], storage=where["storage"], config_hash=config_hash,
+                        "only cross-attention will train", warmup_steps, cfg.max_steps)
+    return RunSpec(train=cfg, init_dir=init_dir, storage=storage_root, config_hash=key,
                    encoder_length=metadata["encoder_length"], decoder_length=metadata["decoder_length"],
-                   pad_id=metadata["pad_id"], num_examples=metadata["num_examples"], denoiser_names=names,
+                   pad_id=metadata["pad_id"], num_examples=metadata["num_examples"],
+                   denoiser_names=denoiser_names(metadata["denoisers"]),
                    cross_attn_warmup_steps=warmup_steps, cross_attn_patterns=list(warmup["trainable_patterns"]),
-                   tracking_uri=tracking_uri(job.tracking, root) if job.tracking.enabled else None,
+                   tracking_uri=tracking_uri if mlflow_run_id else None, mlflow_run_id=mlflow_run_id,
                    env={k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ})
 
 
-def _fit(job, where: dict, spec: RunSpec, metadata: dict) -> None:
+def denoiser_names(denoisers: list) -> list:
+    """Metric names of a metadata.json denoiser table: R3_r0.15, X64_r0.5, S."""
+    return [d["name"] + (f"{d['mean_span']:g}_r{d['rate']:g}" if d.get("rate") else "") for d in denoisers]
+
+
+def _fit(cfg: TrainConfig, data_dir: str, storage_root: str, spec: RunSpec, metadata: dict, key: str) -> None:
     import ray.train
     from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from jobs.train.batches import batches_per_epoch
     from jobs.train.worker import train_loop_per_worker
-    cfg = job.train
-    batches_per_epoch(metadata["num_examples"], cfg.num_workers, cfg.micro_batch_size, where["data"])  # fail early
+    batches_per_epoch(metadata["num_examples"], cfg.num_workers, cfg.micro_batch_size, data_dir)  # fail early
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.use_gpu else {})}
     # Ray keeps its run state under STORAGE/ray; the checkpoints themselves are ours (checkpoints.py),
     # because resuming must verify them and fall back past a damaged one, which Ray's cannot.
-    filesystem, ray_storage = storage.arrow_filesystem(storage.join(where["storage"], "ray"))
+    filesystem, ray_storage = storage.arrow_filesystem(storage.join(storage_root, "ray"))
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config={"spec": spec},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        run_config=RunConfig(name=job.name, storage_path=ray_storage, storage_filesystem=filesystem,
+        # Named by the stage key, never a timestamp: a re-run finds the same Ray Train run.
+        run_config=RunConfig(name=f"train-{key}", storage_path=ray_storage, storage_filesystem=filesystem,
                              failure_config=FailureConfig(max_failures=cfg.max_failures)),
-        datasets=rank_datasets(where["data"], metadata, cfg.num_workers),
+        datasets=rank_datasets(data_dir, metadata, cfg.num_workers),
         dataset_config=DataConfig(datasets_to_split=[], execution_options=ingest_options()))
-    stopped = storage.join(where["storage"], STOPPED)
+    stopped = storage.join(storage_root, STOPPED)
     storage.delete_file(stopped)
     started = time.time()
     try:
@@ -232,7 +192,7 @@ def _fit(job, where: dict, spec: RunSpec, metadata: dict) -> None:
             trainer.fit()
     except ray.train.TrainingFailedError as e:
         raise RunFailed(f"training failed after {cfg.max_failures} restart(s): {_root_cause(e)} "
-                        f"(checkpoints so far: {checkpoints.folder(where['storage'])}; re-run to resume)") from e
+                        f"(checkpoints so far: {checkpoints.folder(storage_root)}; re-run to resume)") from e
     if storage.exists(stopped):
         raise RunFailed(f"training stopped: {storage.read_text(stopped)}")
     log.info("training finished in %.0f s", time.time() - started)
@@ -278,71 +238,18 @@ def _root_cause(error: BaseException) -> str:
     return text[-1] if text else type(error).__name__
 
 
-def open_mlflow_run(job, root: str, where: dict, spec: RunSpec) -> Optional[str]:
-    """Create the training job's MLflow run, or reopen the one an earlier attempt of it made."""
-    if not job.tracking.enabled:
-        return None
-    from mlflow.entities import Param, RunTag
-    from mlflow.tracking import MlflowClient
-
-    from orchestrator.tracking import experiment_id, flatten
-
-    client = MlflowClient(tracking_uri=spec.tracking_uri)
-    run_file = storage.join(where["storage"], RUN_FILE)
-    if storage.exists(run_file):
-        previous = json.loads(storage.read_text(run_file))
-        if previous.get("config_hash") == spec.config_hash and previous.get("tracking_uri") == spec.tracking_uri:
-            try:
-                client.update_run(previous["run_id"], status="RUNNING")
-                if "t5adapt.error" in client.get_run(previous["run_id"]).data.tags:
-                    client.delete_tag(previous["run_id"], "t5adapt.error")  # the earlier attempt's
-                log.info("reopened MLflow run %s", previous["run_id"])
-                return previous["run_id"]
-            except Exception:  # deleted from the store: make a new one
-                pass
-    tags = {"t5adapt.stage": "train", "t5adapt.config_hash": spec.config_hash, "t5adapt.storage": where["storage"],
-            "t5adapt.data": where["data"], "t5adapt.init": where["init"]}
-    run = client.create_run(experiment_id(job.tracking, root), run_name=f"{job.name}/train", tags=tags)
-    from omegaconf import OmegaConf
-
-    params = flatten("", OmegaConf.to_container(OmegaConf.structured(job)))
-    params.update({"resolved.cross_attn_warmup_steps": str(spec.cross_attn_warmup_steps),
-                   "resolved.storage": where["storage"], "resolved.data": where["data"], "resolved.init": where["init"]})
-    items = [Param(k, v) for k, v in sorted(params.items())]
-    for start in range(0, len(items), 90):  # MLflow takes at most 100 params per batch
-        client.log_batch(run.info.run_id, params=items[start:start + 90])
-    client.log_batch(run.info.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-    storage.write_text(run_file, json.dumps({"run_id": run.info.run_id, "config_hash": spec.config_hash,
-                                             "tracking_uri": spec.tracking_uri}))
-    return run.info.run_id
-
-
-def close_mlflow_run(spec: RunSpec, status: str, error: str = "", export: str = "", step=None) -> None:
-    if not spec.mlflow_run_id:
-        return
-    from mlflow.entities import RunTag
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=spec.tracking_uri)
-    tags = {"t5adapt.error": error[:5000]} if error else {"t5adapt.export": export, "t5adapt.final_step": str(step)}
-    client.log_batch(spec.mlflow_run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-    client.set_terminated(spec.mlflow_run_id, status)
-
-
-def export_checkpoint(job, root: str, step: Optional[int] = None, out: Optional[str] = None) -> dict:
-    """Export checkpoint `step` (default: the newest intact one) of `job`'s training storage."""
+def export_checkpoint(storage_root: str, init_dir: str, step: Optional[int], out: str) -> dict:
+    """Export checkpoint `step` (default: the newest intact one) of a training storage to `out`."""
     from jobs.train.export import export
 
-    where = locations(job, root)
-    steps = checkpoints.committed_steps(where["storage"])
+    steps = checkpoints.committed_steps(storage_root)
     if step is None:
-        step = checkpoints.newest_intact(where["storage"])
+        step = checkpoints.newest_intact(storage_root)
         if step is None:
-            raise UserError(f"{checkpoints.folder(where['storage'])} holds no intact checkpoint: train first")
+            raise UserError(f"{checkpoints.folder(storage_root)} holds no intact checkpoint: train first")
     elif step not in steps:
-        raise UserError(f"no committed checkpoint for step {step} in {checkpoints.folder(where['storage'])} "
+        raise UserError(f"no committed checkpoint for step {step} in {checkpoints.folder(storage_root)} "
                         f"(committed: {', '.join(map(str, steps)) or 'none'})")
-    out = out or storage.join(where["storage"], f"export-step{step}")
-    config_hash = checkpoints.read_manifest(where["storage"], step)["config_hash"]
-    info = export(where["storage"], step, where["init"], out, config_hash)
+    config_hash = checkpoints.read_manifest(storage_root, step)["config_hash"]
+    info = export(storage_root, step, init_dir, out, config_hash)
     return dict(info, out=out)

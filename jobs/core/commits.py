@@ -11,11 +11,19 @@ import os
 import shutil
 from typing import Optional
 
-from orchestrator import storage
-from orchestrator.errors import UserError
+from jobs.core import storage
+from jobs.core.errors import UserError
 
 COMMIT_MARKER = "COMMITTED"
 log = logging.getLogger("t5adapt")
+
+
+def stage_key(stage: str, fields: dict, inputs: Optional[dict] = None) -> str:
+    """16 hex digits naming a stage's output: a hash of the stage name, the config fields that change
+    its output bytes (plain JSON values, including the identity of files it reads) and the keys of
+    the stage outputs it reads. Equal keys mean interchangeable outputs."""
+    text = json.dumps({"stage": stage, "fields": fields, "inputs": inputs or {}}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def config_digest(*parts) -> str:

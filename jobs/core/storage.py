@@ -14,7 +14,7 @@ from typing import Iterator, List, Tuple
 
 from tqdm import tqdm
 
-from orchestrator.errors import UserError
+from jobs.core.errors import UserError
 
 
 def is_s3(uri: str) -> bool:
@@ -50,6 +50,34 @@ def _list_objects(uri: str) -> List[Tuple[str, int, str]]:
     if not keys:
         raise UserError(f"nothing found under {uri}: check the prefix (it is a folder, not a file name)")
     return keys
+
+
+def object_identities(uri: str) -> List[list]:
+    """[key, size, ETag] of every object under an s3:// prefix (or the one object `uri` names), sorted:
+    what the content there is, for stage keys."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, key = split_s3(uri)
+    try:
+        head = _client().head_object(Bucket=bucket, Key=key) if key else None
+    except (BotoCoreError, ClientError):
+        head = None
+    if head is not None:
+        return [[key, head["ContentLength"], head.get("ETag", "")]]
+    return sorted([k, size, etag] for k, size, etag in _list_objects(uri))
+
+
+def file_identities(path: str) -> List[list]:
+    """[relative path, size, mtime_ns] of a local file or of every file under a directory, sorted."""
+    if os.path.isfile(path):
+        stat = os.stat(path)
+        return [[os.path.basename(path), stat.st_size, stat.st_mtime_ns]]
+    found = []
+    for folder, _, names in os.walk(path):
+        for name in names:
+            stat = os.stat(os.path.join(folder, name))
+            found.append([os.path.relpath(os.path.join(folder, name), path), stat.st_size, stat.st_mtime_ns])
+    return sorted(found)
 
 
 def list_files(uri: str) -> List[str]:

@@ -14,10 +14,10 @@ import shutil
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
-from jobs.adapt import builtin
-from jobs.adapt.tensors import GGUFTensorReader, SafetensorsReader
-from orchestrator import storage
-from orchestrator.errors import UserError
+from jobs.core import builtin
+from jobs.core.tensors import GGUFTensorReader, SafetensorsReader
+from jobs.core import storage
+from jobs.core.errors import UserError
 
 # model_type -> family. Gemma 2 becomes T5Gemma, Gemma 3 becomes T5Gemma 2.
 FAMILIES = {"gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3"}
@@ -76,6 +76,21 @@ def open_source(spec: str) -> Source:
     return _open_hf_dir(spec, path)
 
 
+def source_identity(spec: str) -> list:
+    """What a source spec currently points at, for stage keys: a builtin's name (and the version of
+    the package that ships it), or every file's name with its size and modification time (local) or
+    ETag (s3://). A source edited in place gets a new identity, so its old outputs are not reused."""
+    if spec.startswith("builtin:"):
+        return [spec, builtin.version(spec)]
+    if storage.is_s3(spec):
+        return storage.object_identities(spec)
+    path = os.path.expanduser(spec)
+    if not os.path.exists(path):
+        raise UserError(f"source {spec} does not exist: give a Hugging Face directory, a .gguf file, "
+                        f"an s3:// prefix or one of {', '.join(builtin.NAMES)}")
+    return storage.file_identities(path)
+
+
 def load_tokenizer(spec: str):
     """The tokenizer of a source spec (same forms as open_source), without touching its weights."""
     from transformers import AutoTokenizer
@@ -84,6 +99,30 @@ def load_tokenizer(spec: str):
     gguf = _find_gguf(path)
     folder = _gguf_metadata(spec, gguf) if gguf else path
     return _tokenizer_or_error(spec, lambda: AutoTokenizer.from_pretrained(folder))
+
+
+def load_causal_lm(spec: str, dtype=None):
+    """The source as a live decoder-only transformers model (eval mode, `dtype`, default float32),
+    for comparisons with the encoder-decoder made from it. Same spec forms as open_source.
+
+    Built from the source's text config and read through its tensor reader, so every form takes one
+    path: a GGUF is dequantised tensor by tensor with its cached metadata (transformers' own GGUF
+    loading re-parses the token tables first), and a multimodal Gemma 3 gives its text model.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    source = open_source(spec)
+    model = AutoModelForCausalLM.from_config(source.text_config, dtype=dtype or torch.float32)
+    # Canonical names drop the wrapper prefix; the text model of a *ForCausalLM lives under "model.".
+    state = {name if name.startswith("lm_head.") else f"model.{name}": source.tensors.get(name)
+             for name in source.tensors.names()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [name for name in missing if name != "lm_head.weight" or not model.config.tie_word_embeddings]
+    if missing or unexpected:
+        raise UserError(f"source {spec} does not fit its own config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.tie_weights()
+    return model.eval()
 
 
 def _local_path(spec: str) -> str:

