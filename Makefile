@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/t5adapt train configs/quickstart.yaml
+	$(VENV)/bin/t5adapt run configs/quickstart.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q

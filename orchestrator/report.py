@@ -46,9 +46,12 @@ def summary(current, tracking_uri: str = None) -> str:
             rows.append([name, _SHORT.get(entry.get("state"), entry.get("state", "")), _duration(entry) if built else "",
                          entry.get("key", ""), entry.get("output", "")])
     lines = [f"run {current.job.name} (run key {current.run_key})", _table(rows)]
-    evaluation = current.stages["evaluate"].output
-    if "evaluate" in current.results and storage.exists(storage.join(evaluation, "evaluation.md")):
-        lines += ["", storage.read_text(storage.join(evaluation, "evaluation.md")).strip()]
+    if current.results.get("evaluate"):
+        from jobs.evaluate.report import evaluation_table
+
+        evaluation = current.stages["evaluate"].output
+        lines += ["", evaluation_table(current.results["evaluate"]),
+                  f"(full report: {storage.join(evaluation, 'evaluation.md')})"]
     if "export" in current.results:
         lines += ["", f"exported model: {current.stages['export'].output}"]
         if current.job.export.out:

@@ -15,7 +15,6 @@ from dataclasses import asdict
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
-from tqdm import tqdm
 
 from jobs.adapt.config import AdaptConfig
 from jobs.adapt.families import DESIGNS, Design
@@ -25,6 +24,7 @@ from jobs.core.tensors import StreamingWriter, tensor_sha256
 from jobs.core import storage
 from jobs.core.commits import commit, publish, reusable, staging_dir
 from jobs.core.errors import UserError
+from jobs.core.progress import progress as progress_bar
 
 log = logging.getLogger("t5adapt.adapt")
 MANIFEST = "adapt_manifest.json"
@@ -58,7 +58,7 @@ def materialise(cfg: AdaptConfig, sources: Dict[str, Source], plan, sink: Callab
     read = lambda role, name: sources[role].tensors.get(name)  # noqa: E731
     _check_source_shapes(sources, plan)
     entries = []
-    for target in tqdm(plan, desc="adapt: building tensors", unit="tensor", disable=not progress):
+    for target in progress_bar(plan, desc="adapt: building tensors", unit="tensor", disable=not progress):
         rule = target.rule
         tensor = rule.build(read, target.shape, name_seed(cfg.seed, target.name)).to(dtype)
         if tuple(tensor.shape) != tuple(target.shape):

@@ -12,9 +12,9 @@ import os
 import shutil
 from typing import Iterator, List, Tuple
 
-from tqdm import tqdm
 
 from jobs.core.errors import UserError
+from jobs.core.progress import progress
 
 
 def is_s3(uri: str) -> bool:
@@ -184,7 +184,7 @@ def _download_prefix(uri: str) -> str:
     etags_path = local + ".etags.json"
     etags = json.load(open(etags_path)) if os.path.isfile(etags_path) else {}
     total = sum(size for _, size, _ in objects)
-    with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {uri}") as bar:
+    with progress(total=total, unit="B", unit_scale=True, desc=f"download {uri}") as bar:
         for key, size, etag in objects:
             rel = key[len(prefix):].lstrip("/") if prefix else key
             path = os.path.join(local, rel)
@@ -208,7 +208,7 @@ def upload_dir(local: str, uri: str, skip: Tuple[str, ...] = ()) -> None:
     client = _client()
     files = [os.path.join(d, f) for d, _, names in os.walk(local) for f in names]
     files = [f for f in files if os.path.relpath(f, local).replace(os.sep, "/") not in skip]
-    for path in tqdm(files, desc=f"upload {uri}", unit="file"):
+    for path in progress(files, desc=f"upload {uri}", unit="file"):
         key = "/".join(filter(None, [prefix, os.path.relpath(path, local).replace(os.sep, "/")]))
         client.upload_file(path, bucket, key)
 

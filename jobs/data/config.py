@@ -82,6 +82,8 @@ class DataConfig:
         if self.encoder_length < 8 or self.decoder_length < 4:
             raise ValueError(f"data.encoder_length={self.encoder_length} and data.decoder_length={self.decoder_length} "
                              "are too short to hold an example (need at least 8 and 4)")
+        if self.seed < 0:
+            raise ValueError(f"data.seed={self.seed} must be >= 0 (examples are drawn from generators seeded by it)")
         for key in ("num_tokenizer_workers", "documents_per_piece", "heldout_max_tokens"):
             if getattr(self, key) < 1:
                 raise ValueError(f"data.{key}={getattr(self, key)} must be at least 1")

@@ -77,8 +77,9 @@ def probe(model, source, prefixes: torch.Tensor, targets: torch.Tensor, metadata
         sums["masked"] += _ce_sum(model(encoder_outputs=silent, attention_mask=torch.zeros_like(encoder_ids),
                                         decoder_input_ids=decoder_ids).logits, target)
         # Logits at position t predict token t + 1: the target is predicted by the positions before it.
-        together = source(input_ids=torch.cat([begin, prefix, target], dim=1)).logits
-        sums["source_with_prefix"] += _ce_sum(together[:, -target.shape[1] - 1:-1], target)
+        # logits_to_keep: the LM head (262k x 640 on Gemma 3) runs only where a target is predicted.
+        together = source(input_ids=torch.cat([begin, prefix, target], dim=1), logits_to_keep=target.shape[1] + 1).logits
+        sums["source_with_prefix"] += _ce_sum(together[:, :-1], target)
         alone = source(input_ids=torch.cat([begin, target], dim=1)).logits
         sums["source_target_only"] += _ce_sum(alone[:, :-1], target)
     tokens = targets.numel()

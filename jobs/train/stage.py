@@ -62,6 +62,7 @@ def run_train(cfg: TrainConfig, data_dir: str, init_dir: str, storage_root: str,
     metadata = read_metadata(data_dir)
     adapt_info = json.loads(storage.read_text(storage.join(init_dir, "t5adapt_adapt.json")))
     check_compatible(metadata, data_dir, init_dir)
+    check_readable(data_dir, metadata)
     check_previous_checkpoints(storage_root, key, force)
     start_ray(cfg)
     if not storage.is_s3(storage_root):
@@ -116,6 +117,21 @@ def check_compatible(metadata: dict, data_dir: str, init_dir: str) -> None:
         raise UserError(f"{data_dir} uses sentinel ids {metadata['sentinel_ids'][:4]}..., but {init_dir} "
                         f"was exported with {recorded['sentinel_ids'][:4]}...: prepare and adapt from the same "
                         "tokenizer (data.tokenizer, adapt.source)")
+
+
+def check_readable(data_dir: str, metadata: dict) -> None:
+    """Every prepared Parquet file opens (its footer reads): a truncated or damaged file is named here,
+    not deep inside a Ray Data worker after the training workers have started."""
+    import pyarrow.parquet as pq
+
+    filesystem, root = storage.arrow_filesystem(data_dir)
+    for entry in metadata["files"]:
+        path = f"{root}/{entry['name']}"
+        try:
+            pq.ParquetFile(filesystem.open_input_file(path) if filesystem else path).metadata
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+            raise UserError(f"prepared file {storage.join(data_dir, entry['name'])} cannot be read ({e}): the "
+                            "prepared data is damaged; delete that prepare output and run again to rebuild it") from None
 
 
 def check_previous_checkpoints(storage_root: str, config_hash: str, force: bool) -> None:
@@ -206,12 +222,12 @@ def progress_bar(spec: RunSpec, total_steps: int):
         yield
         return
     from mlflow.tracking import MlflowClient
-    from tqdm import tqdm
+    from jobs.core.progress import progress
 
     client, done = MlflowClient(tracking_uri=spec.tracking_uri), threading.Event()
 
     def follow():
-        with tqdm(total=total_steps, desc="train", unit="step") as bar:
+        with progress(total=total_steps, desc="train", unit="step") as bar:
             while not done.wait(2.0):
                 try:
                     metrics = client.get_run(spec.mlflow_run_id).data.metrics
