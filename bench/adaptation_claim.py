@@ -32,7 +32,7 @@ OUT = os.path.join(REPO, "bench", "out")
 
 def heldout_loss(model, rows, first, count, collate, num_denoisers, batch_size):
     """Token-weighted mean cross-entropy over examples first .. first + count - 1."""
-    from jobs.train.batches import batch_of
+    from jobs.core.examples_io import batch_of
     from jobs.train.loop import forward_loss
 
     model.eval()
@@ -46,7 +46,7 @@ def heldout_loss(model, rows, first, count, collate, num_denoisers, batch_size):
 
 
 def train_and_evaluate(name, model, rows, args, cfg, collate, num_denoisers, heldout_start):
-    from jobs.train.batches import batch_of
+    from jobs.core.examples_io import batch_of
     from jobs.train.loop import forward_loss
     from jobs.train.schedule import param_groups, set_learning_rate
 
@@ -84,7 +84,7 @@ def main():
 
     from jobs.adapt.stage import build_in_memory
     from jobs.data.stage import run_prepare
-    from jobs.train.batches import make_collate, read_examples
+    from jobs.core.examples_io import make_collate, read_examples
     from orchestrator.config import load_config
 
     job = load_config(os.path.join(REPO, "configs", "quickstart.yaml"),

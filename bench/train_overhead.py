@@ -38,7 +38,7 @@ def bare_loop(init_dir, data_dir, steps, threads, train_cfg=None):
     or (train_cfg given) the DeepSpeed engine that t5adapt builds from that TrainConfig."""
     from transformers import AutoModelForSeq2SeqLM
 
-    from jobs.train.batches import batch_of, make_collate, read_examples
+    from jobs.core.examples_io import batch_of, make_collate, read_examples
     from jobs.train.loop import forward_loss
     from jobs.train.schedule import param_groups
 

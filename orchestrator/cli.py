@@ -191,7 +191,10 @@ def _export(args) -> None:
     from jobs.train.stage import export_checkpoint
     from orchestrator import keys
 
+    from orchestrator.controller import check_output_location
+
     job, root = _load(args)
+    check_output_location(args.out, "--out")
     stages = keys.plan_stages(job, root, keys.denoising_plan(job))
     train = stages["train"].output
     out = args.out or storage.join(train, f"export-step{args.step}")

@@ -53,7 +53,7 @@ def run(job, root: str, wanted=STAGES, outputs: Optional[Dict[str, str]] = None,
     from orchestrator.config import to_yaml
 
     wanted = [name for name in STAGES if name in wanted]
-    preflight(job, root, wanted)
+    preflight(job, root, wanted, outputs)
     say(f"run {job.name}: resolving stage keys")
     denoising = keys.denoising_plan(job)
     stages = keys.plan_stages(job, root, denoising, outputs)
@@ -78,18 +78,25 @@ def run(job, root: str, wanted=STAGES, outputs: Optional[Dict[str, str]] = None,
     return current
 
 
-def preflight(job, root: str, wanted) -> None:
+def preflight(job, root: str, wanted, outputs: Optional[Dict[str, str]] = None) -> None:
     """Everything that can be checked before any work starts: the root and the store are writable
-    directories, the tracking store answers, training fits the cluster."""
+    directories, no output points at a file, the tracking store answers, training fits the cluster."""
     _check_writable_dir(root, "--root (or $T5ADAPT_ROOT)")
     store = keys.store_of(job, root)
     if not storage.is_s3(store):
         _check_writable_dir(store, "store")
-    if job.export.out and not storage.is_s3(job.export.out) and os.path.isfile(job.export.out):
-        raise UserError(f"export.out={job.export.out} is a file: give a directory (or an s3:// prefix)")
+    placed = {f"--out of {name}": out for name, out in (outputs or {}).items()}
+    for what, out in dict(placed, **{"export.out": job.export.out}).items():
+        check_output_location(out, what)
     tracking.check_store(job.tracking, root)
     if "train" in wanted:
         _check_train_fits(job.train)
+
+
+def check_output_location(out: Optional[str], what: str) -> None:
+    """An output location must be a directory (or s3:// prefix), never an existing file."""
+    if out and not storage.is_s3(out) and os.path.isfile(out):
+        raise UserError(f"{what} {out} is a file: give a directory (or an s3:// prefix)")
 
 
 def _check_writable_dir(path: str, what: str) -> None:

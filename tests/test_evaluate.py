@@ -90,6 +90,24 @@ def source():
     return load_causal_lm("builtin:tiny-gemma3")
 
 
+@pytest.fixture(scope="module")
+def adapted_dir(tmp_path_factory):
+    """The tiny adapted checkpoint on disk, untrained: at init, masked encoder == source."""
+    return run_adapt(load_config(TINY).adapt, str(tmp_path_factory.mktemp("evaluate") / "adapted"), key="adapt-key")
+
+
+@pytest.fixture
+def local_ray():
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    if started:  # other modules start their own cluster
+        ray.shutdown()
+
+
 @pytest.mark.parametrize("source_spec", ["builtin:tiny-gemma3", "builtin:tiny-gemma2"])
 def test_masked_encoder_equals_source_given_target_alone_at_init(data_dir, source_spec):
     model = build_in_memory(load_config(TINY, [f"adapt.source={source_spec}"]).adapt)[0]
@@ -97,10 +115,10 @@ def test_masked_encoder_equals_source_given_target_alone_at_init(data_dir, sourc
     prefixes, targets = cut_passages(read_heldout_documents(data_dir), 24, 12, 5)
     assert prefixes.shape == (5, 24) and targets.shape == (5, 12)
     result = probe(model, load_causal_lm(source_spec), prefixes, targets, metadata, batch_size=2, progress=False)
-    assert abs(result["masked"] - result["source_target_only"]) < 1e-4, result
+    assert abs(result["encoder_masked"] - result["source_target_only"]) < 1e-4, result
     # Teeth: the untrained encoder moves the decoder, and the prefix changes the source's predictions.
-    assert abs(result["encoder_gain"]) > 1e-3 and abs(result["source_prefix_gain"]) > 1e-3
-    assert result["encoder_gain"] == pytest.approx(result["masked"] - result["encoder"])
+    assert abs(result["encoder_gain"]) > 1e-3 and abs(result["source_context_gain"]) > 1e-3
+    assert result["encoder_gain"] == pytest.approx(result["encoder_masked"] - result["encoder"])
 
 
 def test_passages_stay_inside_documents_round_robin():
@@ -153,14 +171,14 @@ def test_parameter_counts_and_cost(t5gemma2, source):
         assert value > 0
 
 
-def test_run_evaluate_commits_reuses_and_redoes(tmp_path, data_dir):
-    model_dir = run_adapt(load_config(TINY).adapt, str(tmp_path / "adapted"), key="adapt-key")
+def test_run_evaluate_commits_reuses_and_redoes(tmp_path, data_dir, adapted_dir):
+    model_dir = adapted_dir
     out = str(tmp_path / "evaluation")
     first = run_evaluate(SMALL, model_dir, "builtin:tiny-gemma3", data_dir, out, key="k1")
     assert first["config_hash"] == "k1" and os.path.isfile(os.path.join(out, COMMIT_MARKER))
     with open(os.path.join(out, RESULT)) as f:
         assert json.load(f) == json.loads(json.dumps(first))
-    assert first["heldout_loss"]["examples"] == 24 and first["probe"]["passages"] == 6
+    assert first["heldout"]["examples"] == 24 and first["probe"]["passages"] == 6
     assert len(first["samples"]) == 2 and all(isinstance(s["model"], str) for s in first["samples"])
     report = open(os.path.join(out, REPORT)).read()
     assert evaluation_table(first) in report and "| probe target CE with the prefix (nats/token) |" in report
@@ -173,7 +191,25 @@ def test_run_evaluate_commits_reuses_and_redoes(tmp_path, data_dir):
     redone = run_evaluate(SMALL, model_dir, "builtin:tiny-gemma3", data_dir, out, key="k2", force=True)
     assert redone["config_hash"] == "k2" and os.stat(os.path.join(out, RESULT)).st_mtime_ns != stamp
     # Deterministic numbers, recomputed.
-    assert redone["heldout_loss"] == first["heldout_loss"]
+    assert redone["heldout"] == first["heldout"]
+
+
+def test_run_evaluate_on_the_prepare_stage_output(tmp_path, adapted_dir, local_ray):
+    from jobs.core.examples_io import read_examples
+    from jobs.data.stage import run_prepare
+
+    data = str(tmp_path / "data")
+    metadata = run_prepare(load_config(TINY).data, "builtin:tiny-gemma3", data, key="k")
+    _, rows = read_examples(data)  # the training parts, through the shared reader
+    assert len(rows["input_ids"]) == metadata["num_examples"] and list(rows["example_index"]) == list(range(len(rows["input_ids"])))
+    evaluation = run_evaluate(SMALL, adapted_dir, "builtin:tiny-gemma3", data, str(tmp_path / "evaluation"), key="e")
+    heldout = evaluation["heldout"]
+    assert heldout["examples"] == min(SMALL.max_examples, metadata["heldout"]["examples"])
+    assert sum(d["examples"] for d in heldout["by_denoiser"].values()) == heldout["examples"]
+    assert set(heldout["by_denoiser"]) <= set(denoiser_names(metadata))
+    probe_result = evaluation["probe"]
+    assert probe_result["passages"] > 0
+    assert abs(probe_result["encoder_masked"] - probe_result["source_target_only"]) < 1e-4  # untrained model
 
 
 def test_missing_heldout_split_is_a_user_error(tmp_path):

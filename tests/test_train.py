@@ -312,7 +312,7 @@ def test_zero0_one_worker_trains_exactly_like_a_plain_pytorch_loop(reference, tm
     from transformers import AutoModelForSeq2SeqLM
 
     from jobs.train import checkpoints
-    from jobs.train.batches import batch_of, make_collate, read_examples
+    from jobs.core.examples_io import batch_of, make_collate, read_examples
     from jobs.train.export import consolidated_state
     from jobs.train.loop import forward_loss
     from jobs.train.schedule import param_groups, set_learning_rate

@@ -84,7 +84,7 @@ def test_cross_attention_groups_get_lr_zero_elsewhere_during_warmup():
 
 
 def test_collate_pads_to_fixed_shapes_and_masks_label_padding():
-    from jobs.train.batches import IGNORE, make_collate
+    from jobs.core.examples_io import IGNORE, make_collate
 
     rows = {"input_ids": np.array([np.array([5, 6, 7]), np.array([8])], dtype=object),
             "decoder_input_ids": np.array([np.array([2, 9]), np.array([2])], dtype=object),

@@ -92,3 +92,20 @@ def publish(local: str, out: str) -> None:
     storage.delete_prefix(out)
     storage.upload_dir(local, out, skip=(COMMIT_MARKER,))
     storage.write_text(marker, "")
+
+
+def local_staging(out: str) -> str:
+    """Where to build an output locally: `staging_dir(out)` for a local output, a fresh temporary
+    directory for an s3:// one (published by finish(), then removed by the caller)."""
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="t5adapt-staging-") if storage.is_s3(out) else staging_dir(out)
+
+
+def finish(local: str, out: str) -> None:
+    """Make a built local directory the committed output `out`: committed in place and renamed for a
+    local output, published (marker last) for an s3:// one."""
+    if storage.is_s3(out):
+        publish(local, out)
+    else:
+        commit(local, out)

@@ -84,11 +84,7 @@ def source_identity(spec: str) -> list:
         return [spec, builtin.version(spec)]
     if storage.is_s3(spec):
         return storage.object_identities(spec)
-    path = os.path.expanduser(spec)
-    if not os.path.exists(path):
-        raise UserError(f"source {spec} does not exist: give a Hugging Face directory, a .gguf file, "
-                        f"an s3:// prefix or one of {', '.join(builtin.NAMES)}")
-    return storage.file_identities(path)
+    return storage.file_identities(_existing_path(spec))
 
 
 def load_tokenizer(spec: str):
@@ -136,6 +132,10 @@ def _local_path(spec: str) -> str:
         return builtin.materialise(spec)
     if storage.is_s3(spec):
         return storage.download_prefix(spec)
+    return _existing_path(spec)
+
+
+def _existing_path(spec: str) -> str:
     path = os.path.expanduser(spec)
     if not os.path.exists(path):
         raise UserError(f"source {spec} does not exist: give a Hugging Face directory, a .gguf file, "

@@ -4,8 +4,9 @@ One workload for both: a batch of 1, `input_tokens` real held-out tokens in (the
 or the source's prompt), exactly `output_tokens` out, greedy. Each timing is the median of
 `repeats` runs after one untimed warm-up, with torch's threads as the process has them.
   input tokens/s      encoder forward (model) or prompt prefill with its cache (source)
-  ms per output token incremental decoding with the KV cache: (generate(N) - generate(1)) / (N - 1),
-                      the same generate loop for both, so both pay the same per-step overhead
+  ms per output token incremental decoding with the KV cache: the median time between consecutive
+                      tokens inside `generate` (a logits processor stamps each one), all steps of
+                      all repeats; the same generate loop for both, so both pay the same overhead
   generate_s          end-to-end `generate` with min_new_tokens = max_new_tokens = N
 """
 
@@ -17,12 +18,15 @@ from typing import Callable, Dict, List
 import numpy as np
 import torch
 
+from jobs.core.errors import UserError
+
 
 def cost_input(documents: List[np.ndarray], input_tokens: int) -> torch.Tensor:
     """[1, input_tokens] int64: the held-out documents as one stream, repeated if too short."""
     stream = np.concatenate(documents) if documents else np.zeros(0, np.int64)
     if not len(stream):
-        raise ValueError("no held-out tokens to measure inference cost on")
+        raise UserError("the held-out split has no documents to measure inference cost on: prepare the data "
+                        "with data.heldout_fraction > 0, or set evaluate.enabled=false")
     return torch.from_numpy(np.resize(stream, input_tokens).astype(np.int64))[None]
 
 
@@ -66,16 +70,31 @@ def causal_cost(model, input_ids: torch.Tensor, output_tokens: int, repeats: int
 
 
 def _decoding(model, inputs: dict, output_tokens: int, repeats: int, new_tokens: Callable) -> dict:
-    def generate(count):
-        out = model.generate(**inputs, max_new_tokens=count, min_new_tokens=count, do_sample=False, num_beams=1,
-                             use_cache=True, pad_token_id=model.config.get_text_config(decoder=True).pad_token_id)
-        if new_tokens(out) != count:
-            raise RuntimeError(f"generate made {new_tokens(out)} tokens, not {count}: the workload is not fixed")
-        return out
+    from transformers import LogitsProcessor, LogitsProcessorList
 
-    one_s = _median(lambda: generate(1), repeats)
-    all_s = _median(lambda: generate(output_tokens), repeats)
-    return {"decoder_ms_per_token": max(all_s - one_s, 0.0) / (output_tokens - 1) * 1e3, "generate_s": all_s}
+    class StepClock(LogitsProcessor):
+        """Called once per generated token, between its forward pass and its choice."""
+
+        def __init__(self):
+            self.stamps: List[float] = []
+
+        def __call__(self, input_ids, scores):
+            self.stamps.append(time.perf_counter())
+            return scores
+
+    clocks: List[StepClock] = []
+
+    def generate():
+        clocks.append(StepClock())
+        out = model.generate(**inputs, max_new_tokens=output_tokens, min_new_tokens=output_tokens, do_sample=False,
+                             num_beams=1, use_cache=True, logits_processor=LogitsProcessorList([clocks[-1]]),
+                             pad_token_id=model.config.get_text_config(decoder=True).pad_token_id)
+        if new_tokens(out) != output_tokens:
+            raise RuntimeError(f"generate made {new_tokens(out)} tokens, not {output_tokens}: the workload is not fixed")
+
+    generate_s = _median(generate, repeats)
+    steps = [b - a for clock in clocks[1:] for a, b in zip(clock.stamps, clock.stamps[1:])]  # clocks[0]: warm-up
+    return {"decoder_ms_per_token": statistics.median(steps) * 1e3, "generate_s": generate_s}
 
 
 def _median(run: Callable, repeats: int) -> float:

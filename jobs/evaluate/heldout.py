@@ -4,9 +4,9 @@ from typing import Dict
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from jobs.core.examples_io import IGNORE, denoiser_names, make_collate
+from jobs.core.progress import progress as progress_bar
 
 
 @torch.no_grad()
@@ -23,7 +23,8 @@ def heldout_loss(model, rows: Dict[str, np.ndarray], metadata: dict, batch_size:
     # [loss sum, tokens, examples] per denoiser, float64 so long sums do not drift.
     sums = torch.zeros(len(names), 3, dtype=torch.float64)
     count = len(rows["input_ids"])
-    for start in tqdm(range(0, count, batch_size), desc="evaluate: held-out loss", unit="batch", disable=not progress):
+    for start in progress_bar(range(0, count, batch_size), desc="evaluate: held-out loss", unit="batch",
+                              disable=not progress):
         chunk = {c: v[start:start + batch_size] for c, v in rows.items()}
         collate = make_collate(max(len(r) for r in chunk["input_ids"]), max(len(r) for r in chunk["labels"]),
                                metadata["pad_id"])

@@ -2,24 +2,30 @@
 
 Held-out documents are cut into passages of prefix + target tokens. Target cross-entropy
 (nats/token, averaged over every target token of every passage) of:
-  encoder             the encoder-decoder, prefix in the encoder, target in the decoder
-  masked              the same decoder with the encoder masked out: the decoder alone
-  source_with_prefix  the decoder-only source, prefix + target as one causal sequence
-  source_target_only  the source given only the target (after BOS)
-encoder_gain = masked - encoder (what the encoder is worth to the decoder) and source_prefix_gain =
-source_target_only - source_with_prefix (what the prefix is worth to the source: the ceiling).
-At adaptation init "masked" equals "source_target_only": the decoder is the source model.
+  encoder              the encoder-decoder, prefix in the encoder, target in the decoder
+  encoder_masked       the same decoder with the encoder masked out: the decoder alone
+  source_with_context  the decoder-only source, prefix + target as one causal sequence
+  source_target_only   the source given only the target (after BOS)
+encoder_gain = encoder_masked - encoder (what the encoder is worth to the decoder) and
+source_context_gain = source_target_only - source_with_context (what the prefix is worth to the
+source: the ceiling).
+At adaptation init "encoder_masked" equals "source_target_only": the decoder is the source model.
 """
 
 from typing import List, Tuple
 
 import numpy as np
 import torch
-from tqdm import tqdm
+
+from jobs.core.progress import progress as progress_bar
 
 HOW = ("each held-out document (its closing EOS dropped) is cut into consecutive non-overlapping windows; "
        "passages are taken round-robin over documents (every document's first window, then every second "
        "window, ...), so no passage crosses a document boundary; documents shorter than one window are skipped")
+
+
+LAYOUT = ("encoder input: the prefix laid out like a training PrefixLM (S) example, [S mode token] prefix EOS; "
+          "decoder input: BOS + target[:-1] (teacher forcing); source inputs: BOS + prefix + target, BOS + target")
 
 
 def cut_passages(documents: List[np.ndarray], prefix_tokens: int, target_tokens: int,
@@ -55,9 +61,9 @@ def probe(model, source, prefixes: torch.Tensor, targets: torch.Tensor, metadata
     from transformers.modeling_outputs import BaseModelOutput
 
     bos = metadata["bos_id"]
-    sums = dict.fromkeys(("encoder", "masked", "source_with_prefix", "source_target_only"), 0.0)
-    for start in tqdm(range(0, len(targets), batch_size), desc="evaluate: adaptation probe", unit="batch",
-                      disable=not progress):
+    sums = dict.fromkeys(("encoder", "encoder_masked", "source_with_context", "source_target_only"), 0.0)
+    for start in progress_bar(range(0, len(targets), batch_size), desc="evaluate: adaptation probe", unit="batch",
+                              disable=not progress):
         prefix, target = prefixes[start:start + batch_size], targets[start:start + batch_size]
         begin = torch.full((len(target), 1), bos)
         encoder_ids = encoder_inputs(prefix, metadata)
@@ -67,25 +73,28 @@ def probe(model, source, prefixes: torch.Tensor, targets: torch.Tensor, metadata
         sums["encoder"] += _ce_sum(model(encoder_outputs=encoded, attention_mask=visible,
                                          decoder_input_ids=decoder_ids).logits, target)
         # The encoder masked out: an all-zero attention_mask on the encoder side AND zero encoder
-        # states. T5Gemma 2 merges decoder self- and cross-attention into one softmax; the mask adds
-        # the dtype's minimum to every encoder key's score, so those keys get exactly zero weight and
-        # the decoder computes what the source decoder-only model computes (tests check this to 1e-5).
-        # T5Gemma's separate cross-attention turns a fully masked row into a uniform average instead
-        # (equal scores), so the zero states are what silence it there: bias-free projections of
+        # states. T5Gemma 2 merges decoder self- and cross-attention into one softmax: its decoder
+        # turns the model's attention_mask (passed on as encoder_attention_mask) into a bidirectional
+        # mask and concatenates it to the causal self-attention mask (transformers 5.x,
+        # T5Gemma2Decoder.forward, merged_attn_mask_mapping), so every encoder key gets the dtype's
+        # minimum added, exactly zero weight, and the decoder computes what the source decoder-only
+        # model computes. T5Gemma's separate cross-attention turns a fully masked row into a uniform
+        # average instead (equal scores); there the zero states silence it: bias-free projections of
         # zeros give zero values and a zero output, and the residual stream passes unchanged.
+        # tests/test_evaluate.py checks both families against the source at adaptation init.
         silent = BaseModelOutput(last_hidden_state=torch.zeros_like(encoded.last_hidden_state))
-        sums["masked"] += _ce_sum(model(encoder_outputs=silent, attention_mask=torch.zeros_like(encoder_ids),
-                                        decoder_input_ids=decoder_ids).logits, target)
+        sums["encoder_masked"] += _ce_sum(model(encoder_outputs=silent, attention_mask=torch.zeros_like(encoder_ids),
+                                                decoder_input_ids=decoder_ids).logits, target)
         # Logits at position t predict token t + 1: the target is predicted by the positions before it.
         # logits_to_keep: the LM head (262k x 640 on Gemma 3) runs only where a target is predicted.
         together = source(input_ids=torch.cat([begin, prefix, target], dim=1), logits_to_keep=target.shape[1] + 1).logits
-        sums["source_with_prefix"] += _ce_sum(together[:, :-1], target)
+        sums["source_with_context"] += _ce_sum(together[:, :-1], target)
         alone = source(input_ids=torch.cat([begin, target], dim=1)).logits
         sums["source_target_only"] += _ce_sum(alone[:, :-1], target)
     tokens = targets.numel()
     result = {name: total / tokens for name, total in sums.items()}
-    result["encoder_gain"] = result["masked"] - result["encoder"]
-    result["source_prefix_gain"] = result["source_target_only"] - result["source_with_prefix"]
+    result["encoder_gain"] = result["encoder_masked"] - result["encoder"]
+    result["source_context_gain"] = result["source_target_only"] - result["source_with_context"]
     return result
 
 

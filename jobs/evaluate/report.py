@@ -1,21 +1,21 @@
-"""evaluation.json -> words: the summary table (evaluation.md, model card, CLI) and MLflow metrics."""
+"""evaluation.json -> words: the summary table (evaluation.md, model card, CLI) and the full report."""
 
 from typing import Optional
 
 
 def evaluation_table(evaluation: dict) -> str:
     """A short markdown table `metric | model | source` of an evaluation dict (run_evaluate's)."""
-    probe, cost, loss = evaluation.get("probe") or {}, evaluation["cost"], evaluation["heldout_loss"]
+    probe, cost, loss = evaluation.get("probe") or {}, evaluation["cost"], evaluation["heldout"]
     model, source = cost["model"], cost["source"]
     workload = f"{cost['input_tokens']} in, {cost['output_tokens']} out"
     rows = [("held-out loss, training objective (nats/token)", _f(loss["loss"]), "-")]
     if probe.get("passages"):
         rows += [
-            ("probe target CE with the prefix (nats/token)", _f(probe["encoder"]), _f(probe["source_with_prefix"])),
-            ("probe target CE without it (encoder masked / target alone)", _f(probe["masked"]),
+            ("probe target CE with the prefix (nats/token)", _f(probe["encoder"]), _f(probe["source_with_context"])),
+            ("probe target CE without it (encoder masked / target alone)", _f(probe["encoder_masked"]),
              _f(probe["source_target_only"])),
             ("what the prefix is worth (encoder_gain / source)", _f(probe["encoder_gain"]),
-             _f(probe["source_prefix_gain"])),
+             _f(probe["source_context_gain"])),
         ]
     rows += [
         ("parameters (shared embedding once)", f"{model['parameters']['total'] / 1e6:.2f}M",
@@ -30,7 +30,7 @@ def evaluation_table(evaluation: dict) -> str:
 
 def evaluation_markdown(evaluation: dict) -> str:
     """evaluation.md: the table, then the details behind it."""
-    loss, probe, cost = evaluation["heldout_loss"], evaluation["probe"], evaluation["cost"]
+    loss, probe, cost = evaluation["heldout"], evaluation["probe"], evaluation["cost"]
     lines = [f"# Evaluation of `{evaluation['model']}`", "",
              f"Source (decoder-only) model: `{evaluation['source']}`; held-out data: `{evaluation['data']}`.", "",
              evaluation_table(evaluation), "",
@@ -38,14 +38,14 @@ def evaluation_markdown(evaluation: dict) -> str:
              "| denoiser | loss (nats/token) | examples | tokens |", "|---|---|---|---|"]
     lines += [f"| {name} | {_f(d['loss'])} | {d['examples']} | {d['tokens']} |" for name, d in loss["by_denoiser"].items()]
     lines += ["", f"## Adaptation probe ({probe['passages']} passages of {probe['prefix_tokens']} + "
-                  f"{probe['target_tokens']} tokens)", "", f"Passages: {probe['how']}.", ""]
+                  f"{probe['target_tokens']} tokens)", "", f"Passages: {probe['how']}. Inputs: {probe['layout']}.", ""]
     if probe["passages"]:
         lines += ["Target cross-entropy, nats/token: encoder-decoder with the prefix in its encoder "
-                  f"{_f(probe['encoder'])}, with the encoder masked out {_f(probe['masked'])} (encoder_gain "
-                  f"{_f(probe['encoder_gain'])}); source with prefix + target {_f(probe['source_with_prefix'])}, "
+                  f"{_f(probe['encoder'])}, with the encoder masked out {_f(probe['encoder_masked'])} (encoder_gain "
+                  f"{_f(probe['encoder_gain'])}); source with prefix + target {_f(probe['source_with_context'])}, "
                   f"given the target alone {_f(probe['source_target_only'])}.", ""]
     lines += ["## Inference cost", "",
-              f"Batch 1, {cost['input_tokens']} held-out tokens in, exactly {cost['output_tokens']} out (greedy), "
+              f"Batch 1, {cost['input_tokens']} tokens in ({cost['input']}), exactly {cost['output_tokens']} out (greedy), "
               f"median of {cost['repeats']} after a warm-up, {cost['torch_threads']} torch threads. "
               "Encoder and decoder parameter counts each include the embedding they use "
               f"(model: encoder {cost['model']['parameters']['encoder']:,}, decoder "
@@ -58,25 +58,6 @@ def evaluation_markdown(evaluation: dict) -> str:
                       f"- reference: {_quote(sample['reference'])}", f"- model: {_quote(sample['model'])}",
                       f"- source: {_quote(sample['source'])}", ""]
     return "\n".join(lines)
-
-
-def tracking_record(evaluation: dict) -> tuple:
-    """(params, metrics) for MLflow: the evaluate config as params, every number as a flat metric."""
-    from jobs.core.tracking import flatten
-
-    loss, probe, cost = evaluation["heldout_loss"], evaluation["probe"], evaluation["cost"]
-    metrics = {"heldout_loss": loss["loss"], "heldout_tokens": loss["tokens"], "heldout_examples": loss["examples"]}
-    metrics.update({f"heldout_loss.{name}": d["loss"] for name, d in loss["by_denoiser"].items()})
-    if probe["passages"]:
-        metrics.update({f"probe.{k}": probe[k] for k in ("encoder", "masked", "source_with_prefix", "source_target_only",
-                                                          "encoder_gain", "source_prefix_gain")})
-    for who in ("model", "source"):
-        for key, value in cost[who].items():
-            if key == "parameters":
-                metrics.update({f"cost.{who}.parameters.{k}": v for k, v in value.items()})
-            else:
-                metrics[f"cost.{who}.{key}"] = value
-    return flatten("evaluate", evaluation["config"]), {k: v for k, v in metrics.items() if v is not None}
 
 
 def _f(value: Optional[float]) -> str:

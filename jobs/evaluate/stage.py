@@ -22,7 +22,7 @@ from jobs.core.examples_io import read_heldout_documents, read_heldout_examples
 from jobs.evaluate.config import EvaluateConfig
 from jobs.evaluate.cost import causal_cost, cost_input, parameter_counts, seq2seq_cost, source_parameter_counts
 from jobs.evaluate.heldout import heldout_loss
-from jobs.evaluate.probe import HOW, cut_passages, probe
+from jobs.evaluate.probe import HOW, LAYOUT, cut_passages, probe
 from jobs.evaluate.report import evaluation_markdown, evaluation_table
 from jobs.evaluate.samples import sample_generations
 
@@ -74,7 +74,7 @@ def evaluate(cfg: EvaluateConfig, model_dir: str, source_spec: str, data_dir: st
 
     prefixes, targets = cut_passages(documents, cfg.probe_prefix_tokens, cfg.probe_target_tokens, cfg.probe_passages)
     probe_result = {"passages": len(prefixes), "prefix_tokens": cfg.probe_prefix_tokens,
-                    "target_tokens": cfg.probe_target_tokens, "how": HOW}
+                    "target_tokens": cfg.probe_target_tokens, "how": HOW, "layout": LAYOUT}
     if len(prefixes):
         probe_result.update(probe(model, source, prefixes, targets, metadata, cfg.batch_size, progress))
     else:
@@ -86,6 +86,7 @@ def evaluate(cfg: EvaluateConfig, model_dir: str, source_spec: str, data_dir: st
              cfg.cost_output_tokens, cfg.cost_repeats)
     inputs = cost_input(documents, cfg.cost_input_tokens)
     cost = {"input_tokens": cfg.cost_input_tokens, "output_tokens": cfg.cost_output_tokens, "repeats": cfg.cost_repeats,
+            "input": "the held-out documents as one stream, its first tokens (repeated when too short)",
             "torch_threads": torch.get_num_threads(),
             "model": {"parameters": parameter_counts(model),
                       **seq2seq_cost(model, inputs, cfg.cost_output_tokens, cfg.cost_repeats)},
@@ -98,7 +99,7 @@ def evaluate(cfg: EvaluateConfig, model_dir: str, source_spec: str, data_dir: st
                                  cfg.sample_new_tokens)
     lap("samples_s")
     return {"model": model_dir, "source": source_spec, "data": data_dir, "model_class": type(model).__name__,
-            "heldout_loss": loss, "probe": probe_result, "cost": cost, "samples": samples, "timings_s": timings,
+            "heldout": loss, "probe": probe_result, "cost": cost, "samples": samples, "timings_s": timings,
             "config": asdict(cfg)}
 
 

@@ -8,11 +8,10 @@ steps, tokens seen, the evaluation table) and t5adapt_export.json, COMMITTED las
 import json
 import os
 import shutil
-import tempfile
 from typing import Optional
 
 from jobs.core import storage
-from jobs.core.commits import commit, publish, reusable, staging_dir
+from jobs.core.commits import commit, finish, local_staging, publish, reusable, staging_dir
 
 INFO = "t5adapt_export.json"
 CARD = "README.md"
@@ -27,7 +26,7 @@ def run_export(model_dir: str, out: str, key: str, card: dict, evaluation_md: Op
     if done is not None:
         return done
     local_model = storage.local_copy(model_dir)
-    local_out = tempfile.mkdtemp(prefix="t5adapt-export-") if storage.is_s3(out) else staging_dir(out)
+    local_out = local_staging(out)
     try:
         for name in os.listdir(local_model):
             if name in ("COMMITTED", CARD) or not os.path.isfile(os.path.join(local_model, name)):
@@ -38,10 +37,7 @@ def run_export(model_dir: str, out: str, key: str, card: dict, evaluation_md: Op
         info = {"config_hash": key, "model": model_dir, "card": card}
         with open(os.path.join(local_out, INFO), "w") as f:
             json.dump(info, f, indent=1)
-        if storage.is_s3(out):
-            publish(local_out, out)
-        else:
-            commit(local_out, out)
+        finish(local_out, out)
         return info
     finally:
         if storage.is_s3(out):

@@ -17,8 +17,7 @@ import numpy as np
 
 from jobs.core import storage
 from jobs.core.errors import UserError
-# Readers shared with evaluation, benchmarks and tests live in jobs.core; re-exported here.
-from jobs.core.examples_io import COLUMNS, IGNORE, batch_of, make_collate, read_examples, read_metadata  # noqa: F401
+from jobs.core.examples_io import COLUMNS
 
 
 def batches_per_epoch(num_examples: int, num_workers: int, micro_batch_size: int, data_dir: str) -> int:

@@ -11,14 +11,13 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from typing import Optional
 
 import torch
 
 from jobs.train import checkpoints
 from jobs.core import storage
-from jobs.core.commits import commit, publish, reusable, staging_dir
+from jobs.core.commits import finish, local_staging, reusable
 
 log = logging.getLogger("t5adapt.train")
 INFO = "t5adapt_train.json"
@@ -60,7 +59,7 @@ def export(storage_root: str, step: int, init_dir: str, out: str, config_hash: s
         raise UserError(f"checkpoint {checkpoints.step_dir(storage_root, step)} is damaged ({problem}): "
                         "export an earlier one (t5adapt export --step N)")
     init_local = storage.local_copy(init_dir)
-    local_out = tempfile.mkdtemp(prefix="t5adapt-export-") if storage.is_s3(out) else staging_dir(out)
+    local_out = local_staging(out)
     try:
         state = consolidated_state(local_ckpt)
         config = AutoConfig.from_pretrained(init_local)
@@ -79,10 +78,7 @@ def export(storage_root: str, step: int, init_dir: str, out: str, config_hash: s
                 "init": init_dir, "probe_max_abs_diff": _check_probe(local_ckpt, local_out)}
         with open(os.path.join(local_out, INFO), "w") as f:
             json.dump(info, f, indent=1)
-        if storage.is_s3(out):
-            publish(local_out, out)
-        else:
-            commit(local_out, out)
+        finish(local_out, out)
         return info
     finally:
         if local_ckpt != checkpoints.step_dir(storage_root, step):

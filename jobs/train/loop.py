@@ -15,7 +15,7 @@ from typing import Callable, Dict, Iterator, List, Optional
 import torch
 
 from jobs.train import checkpoints
-from jobs.train.batches import IGNORE
+from jobs.core.examples_io import IGNORE
 from jobs.train.config import TrainConfig
 from jobs.train.metrics import device_peak_flops, flops_per_example
 from jobs.train.schedule import count_parameters, param_groups, set_learning_rate

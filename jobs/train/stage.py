@@ -20,7 +20,8 @@ from typing import Optional
 from jobs.core import storage
 from jobs.core.errors import RunFailed, UserError
 from jobs.train import checkpoints
-from jobs.train.batches import ingest_options, rank_datasets, read_metadata
+from jobs.core.examples_io import denoiser_names, read_metadata
+from jobs.train.batches import ingest_options, rank_datasets
 from jobs.train.config import TrainConfig
 from jobs.train.loop import STOPPED, RunSpec
 
@@ -168,15 +169,10 @@ def _spec(cfg: TrainConfig, data_dir: str, init_dir: str, storage_root: str, met
     return RunSpec(train=cfg, init_dir=init_dir, storage=storage_root, config_hash=key,
                    encoder_length=metadata["encoder_length"], decoder_length=metadata["decoder_length"],
                    pad_id=metadata["pad_id"], num_examples=metadata["num_examples"],
-                   denoiser_names=denoiser_names(metadata["denoisers"]),
+                   denoiser_names=denoiser_names(metadata),
                    cross_attn_warmup_steps=warmup_steps, cross_attn_patterns=list(warmup["trainable_patterns"]),
                    tracking_uri=tracking_uri if mlflow_run_id else None, mlflow_run_id=mlflow_run_id,
                    env={k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ})
-
-
-def denoiser_names(denoisers: list) -> list:
-    """Metric names of a metadata.json denoiser table: R3_r0.15, X64_r0.5, S."""
-    return [d["name"] + (f"{d['mean_span']:g}_r{d['rate']:g}" if d.get("rate") else "") for d in denoisers]
 
 
 def _fit(cfg: TrainConfig, data_dir: str, storage_root: str, spec: RunSpec, metadata: dict, key: str) -> None:

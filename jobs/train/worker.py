@@ -13,6 +13,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import torch
 
+    from jobs.core.examples_io import make_collate
     from jobs.train import batches
     from jobs.train.loop import WorkerContext, train
 
@@ -28,7 +29,7 @@ def train_loop_per_worker(config: dict) -> None:
         torch.set_num_threads(max(1, int(spec.train.cpus_per_worker)))
     shard = ray.train.get_dataset_shard(f"train_rank{rank}")
     per_epoch = batches.batches_per_epoch(spec.num_examples, world, spec.train.micro_batch_size, spec.storage)
-    collate = batches.make_collate(spec.encoder_length, spec.decoder_length, spec.pad_id)
+    collate = make_collate(spec.encoder_length, spec.decoder_length, spec.pad_id)
 
     def micro_batches(start: int):
         return batches.micro_batches(shard, start, per_epoch, spec.train.micro_batch_size, collate)
