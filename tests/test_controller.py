@@ -196,6 +196,10 @@ def test_root_that_is_a_file_or_read_only_is_one_line(tmp_path, capsys):
     afile.write_text("")
     assert main(["run", TINY, "--root", str(afile)]) == 2
     assert "is a file, not a directory" in capsys.readouterr().err
+    assert main(["adapt", TINY, "--root", str(tmp_path / "r"), "--out", str(afile)]) == 2
+    assert f"--out of adapt {afile} is a file" in capsys.readouterr().err
+    assert main(["export", TINY, "--root", str(tmp_path / "r"), "--step", "2", "--out", str(afile)]) == 2
+    assert f"--out {afile} is a file" in capsys.readouterr().err
     if os.geteuid() != 0:  # root writes anywhere
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
@@ -278,3 +282,29 @@ def test_two_concurrent_runs_build_each_stage_once_and_take_over_a_dead_lock(tmp
         assert len([r for r in runs if r.info.run_name == f"tiny/{name}"]) == 1, name  # built once
     assert any("waiting for stage" in o or "built by another run" in o for o in outputs), outputs[1][-2000:]
     assert not os.path.exists(prepare_out + ".lock")
+
+
+def test_ctrl_c_during_training_says_interrupted_and_how_to_resume(tmp_path):
+    """Ray Train turns SIGINT into an abort and exits from its signal handler; the command must still
+    say it was interrupted (exit 130), mark the stage and its MLflow run as killed, not failed."""
+    root = str(tmp_path)
+    process = _run_process(root, "train.max_steps=40")
+
+    def checkpoint_committed():
+        ledger = _ledger(root) if os.path.exists(os.path.join(root, "tiny", "ledger.json")) else {}
+        train = ledger.get("stages", {}).get("train", {}).get("output")
+        return bool(train) and os.path.exists(os.path.join(train, "checkpoints", "step-000002", "COMMITTED"))
+
+    try:
+        _wait_for(checkpoint_committed, 600, "the first training checkpoint")
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130, output[-3000:]
+    assert "interrupted" in output and "run the same command again to resume" in output
+    assert _states(root)["train"] == "interrupted"
+    _, _, runs = _mlflow_runs(root)
+    train = next(r for r in runs if r.info.run_name == "tiny/train")
+    assert train.info.status == "KILLED" and "re-run the same command" in train.data.tags["t5adapt.error"]

@@ -202,6 +202,10 @@ def _fit(cfg: TrainConfig, data_dir: str, storage_root: str, spec: RunSpec, meta
     try:
         with progress_bar(spec, cfg.max_steps):
             trainer.fit()
+    except SystemExit as e:
+        # Ray Train turns Ctrl-C into a graceful abort of the run, then exits the process from its
+        # signal handler: say what it was, so the controller reports an interruption, not code 1.
+        raise KeyboardInterrupt(f"training interrupted (Ray Train aborted the run, exit {e.code})") from None
     except ray.train.TrainingFailedError as e:
         raise RunFailed(f"training failed after {cfg.max_failures} restart(s): {_root_cause(e)} "
                         f"(checkpoints so far: {checkpoints.folder(storage_root)}; re-run to resume)") from e
@@ -231,8 +235,11 @@ def progress_bar(spec: RunSpec, total_steps: int):
                     continue
                 if "loss" in metrics:
                     step = max(m.step for m in client.get_metric_history(spec.mlflow_run_id, "loss"))
+                    # The postfix rides on the next refresh, which update() paces (a line every few
+                    # seconds when output is not a terminal), instead of forcing one every tick.
+                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", tokens_per_s=f"{metrics.get('tokens_per_s', 0):.0f}",
+                                    refresh=False)
                     bar.update(max(0, step - bar.n))
-                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", tokens_per_s=f"{metrics.get('tokens_per_s', 0):.0f}")
 
     thread = threading.Thread(target=follow, daemon=True)
     thread.start()
