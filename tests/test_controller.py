@@ -308,3 +308,31 @@ def test_ctrl_c_during_training_says_interrupted_and_how_to_resume(tmp_path):
     _, _, runs = _mlflow_runs(root)
     train = next(r for r in runs if r.info.run_name == "tiny/train")
     assert train.info.status == "KILLED" and "re-run the same command" in train.data.tags["t5adapt.error"]
+
+
+def test_ui_serves_the_run_store_on_loopback(first_run):
+    """`t5adapt ui` starts the MLflow UI on the root's store, bound to 127.0.0.1, and prints its URL."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "ui", "--root", first_run, "--port", str(port)],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    try:
+        assert f"http://127.0.0.1:{port}" in process.stdout.readline()
+
+        def answers():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ajax-api/2.0/mlflow/experiments/search"
+                                            "?max_results=10", timeout=5) as response:
+                    return "t5adapt" in response.read().decode()
+            except OSError:
+                return False
+
+        _wait_for(answers, 120, "the MLflow UI")
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
