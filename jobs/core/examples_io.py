@@ -115,3 +115,19 @@ def _read_table(data_dir: str, name: str, columns: List[str]):
 
     filesystem, root = storage.arrow_filesystem(data_dir)
     return pq.read_table(f"{root}/{name}", columns=columns, filesystem=filesystem)
+
+
+def token_losses(model, batch: dict):
+    """(token_loss, mask): each decoder target's cross-entropy under `model` (a transformers
+    encoder-decoder or a DeepSpeed engine around one), shape [batch, decoder length], float32, with
+    0 where the label is padding; mask marks the real targets. Training and evaluation both score
+    examples with this one function."""
+    import torch
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   decoder_input_ids=batch["decoder_input_ids"],
+                   decoder_attention_mask=batch["decoder_attention_mask"]).logits
+    labels = batch["labels"]
+    token_loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
+                                                   ignore_index=IGNORE, reduction="none").view_as(labels)
+    return token_loss, labels != IGNORE

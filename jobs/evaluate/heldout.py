@@ -5,7 +5,7 @@ from typing import Dict
 import numpy as np
 import torch
 
-from jobs.core.examples_io import IGNORE, denoiser_names, make_collate
+from jobs.core.examples_io import denoiser_names, make_collate, token_losses
 from jobs.core.progress import progress as progress_bar
 
 
@@ -29,15 +29,10 @@ def heldout_loss(model, rows: Dict[str, np.ndarray], metadata: dict, batch_size:
         collate = make_collate(max(len(r) for r in chunk["input_ids"]), max(len(r) for r in chunk["labels"]),
                                metadata["pad_id"])
         batch = collate(chunk)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       decoder_input_ids=batch["decoder_input_ids"],
-                       decoder_attention_mask=batch["decoder_attention_mask"]).logits
-        labels = batch["labels"]
-        token_loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
-                                                       ignore_index=IGNORE, reduction="none").view_as(labels)
+        token_loss, mask = token_losses(model, batch)
         which = batch["denoiser"]
         sums[:, 0].index_add_(0, which, token_loss.sum(1).double())
-        sums[:, 1].index_add_(0, which, (labels != IGNORE).sum(1).double())
+        sums[:, 1].index_add_(0, which, mask.sum(1).double())
         sums[:, 2].index_add_(0, which, torch.ones(len(which), dtype=torch.float64))
     total = sums.sum(0)
     by_denoiser = {name: {"loss": float(s[0] / s[1]) if s[1] else None, "tokens": int(s[1]), "examples": int(s[2])}

@@ -15,7 +15,7 @@ from typing import Callable, Dict, Iterator, List, Optional
 import torch
 
 from jobs.train import checkpoints
-from jobs.core.examples_io import IGNORE
+from jobs.core.examples_io import token_losses
 from jobs.train.config import TrainConfig
 from jobs.train.metrics import device_peak_flops, flops_per_example
 from jobs.train.schedule import count_parameters, param_groups, set_learning_rate
@@ -161,13 +161,8 @@ def load_model(init_dir: str, cfg: TrainConfig) -> torch.nn.Module:
 def forward_loss(engine, batch: dict, num_denoisers: int):
     """Mean token cross-entropy over decoder targets (padding ignored), and per-denoiser
     [sum of token losses, token count] (float64, detached) for logging."""
-    logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    decoder_input_ids=batch["decoder_input_ids"],
-                    decoder_attention_mask=batch["decoder_attention_mask"]).logits
+    token_loss, mask = token_losses(engine, batch)
     labels = batch["labels"]
-    token_loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
-                                                   ignore_index=IGNORE, reduction="none").view_as(labels)
-    mask = labels != IGNORE
     loss = token_loss.sum() / mask.sum().clamp(min=1)
     with torch.no_grad():
         by_denoiser = torch.zeros(num_denoisers, 2, dtype=torch.float64, device=labels.device)
