@@ -86,14 +86,13 @@ def main():
     from jobs.data.stage import run_prepare
     from jobs.core.examples_io import make_collate, read_examples
     from orchestrator.config import load_config
+    from orchestrator.keys import prepare_key
 
     job = load_config(os.path.join(REPO, "configs", "quickstart.yaml"),
                       ["data.encoder_length=128", "data.decoder_length=64", "data.documents_per_piece=200",
                        f"train.lr={args.lr}", "train.warmup_steps=10", f"train.max_steps={args.steps}",
                        "train.schedule=cosine"])
     data_dir = os.path.join(OUT, "claim-data")
-    from orchestrator.keys import prepare_key
-
     run_prepare(job.data, job.adapt.source, data_dir, prepare_key(job.data, job.adapt.source))
     metadata, rows = read_examples(data_dir)
     heldout_start = len(rows["input_ids"]) - args.heldout
