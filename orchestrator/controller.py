@@ -11,6 +11,7 @@ Killing the controller loses at most the stage being built (training: the steps 
 checkpoint); running the same command again resumes there.
 """
 
+import json
 import logging
 import os
 import subprocess
@@ -258,14 +259,10 @@ def _read_back(current: Run, name: str) -> dict:
 
 
 def _read_json(base: str, name: str) -> dict:
-    import json
-
     return json.loads(storage.read_text(storage.join(base, name)))
 
 
 def _write_json(base: str, name: str, value: dict) -> None:
-    import json
-
     storage.write_text(storage.join(base, name), json.dumps(value, indent=1, default=str))
 
 

@@ -223,18 +223,20 @@ def _wait_for(predicate, timeout_s, what):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _first_checkpoint_committed(root) -> bool:
+    """Whether the run's train stage (as its ledger names it) has committed its step-2 checkpoint."""
+    ledger = _ledger(root) if os.path.exists(os.path.join(root, "tiny", "ledger.json")) else {}
+    train = ledger.get("stages", {}).get("train", {}).get("output")
+    return bool(train) and os.path.exists(os.path.join(train, "checkpoints", "step-000002", "COMMITTED"))
+
+
 def test_killed_controller_resumes_training_and_keeps_finished_stages(tmp_path):
     root = str(tmp_path)
     longer = ["train.max_steps=8"]
     process = _run_process(root, *longer)
 
-    def checkpoint_committed():
-        ledger = _ledger(root) if os.path.exists(os.path.join(root, "tiny", "ledger.json")) else {}
-        train = ledger.get("stages", {}).get("train", {}).get("output")
-        return bool(train) and os.path.exists(os.path.join(train, "checkpoints", "step-000002", "COMMITTED"))
-
     try:
-        _wait_for(checkpoint_committed, 600, "the first training checkpoint")
+        _wait_for(lambda: _first_checkpoint_committed(root), 600, "the first training checkpoint")
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=60)
     finally:
@@ -290,13 +292,8 @@ def test_ctrl_c_during_training_says_interrupted_and_how_to_resume(tmp_path):
     root = str(tmp_path)
     process = _run_process(root, "train.max_steps=40")
 
-    def checkpoint_committed():
-        ledger = _ledger(root) if os.path.exists(os.path.join(root, "tiny", "ledger.json")) else {}
-        train = ledger.get("stages", {}).get("train", {}).get("output")
-        return bool(train) and os.path.exists(os.path.join(train, "checkpoints", "step-000002", "COMMITTED"))
-
     try:
-        _wait_for(checkpoint_committed, 600, "the first training checkpoint")
+        _wait_for(lambda: _first_checkpoint_committed(root), 600, "the first training checkpoint")
         process.send_signal(signal.SIGINT)
         output, _ = process.communicate(timeout=300)
     finally:
