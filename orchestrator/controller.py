@@ -204,6 +204,7 @@ def _train(current: Run, stage: Stage, run_id, force) -> dict:
     result = run_train(current.job.train, current.stages["prepare"].output, current.stages["adapt"].output,
                        stage.output, stage.key, tracking_uri=current.tracking_uri, mlflow_run_id=run_id)
     _write_json(stage.output, "t5adapt_stage.json", dict(result, config_hash=stage.key))
+    locks.check_before_commit(stage.output)
     storage.write_text(storage.join(stage.output, COMMIT_MARKER), "")  # the output builds in place: marker last
     return result
 

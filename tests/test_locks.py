@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 
-from jobs.core import storage
+from jobs.core import commits, storage
 from jobs.core.errors import RunFailed, UserError
 from jobs.core.locks import StageLock, default_lease_s, hold
 
@@ -213,6 +213,20 @@ def test_heartbeat_renews_and_a_lost_lock_is_noticed(output):
     finally:
         lock.release()
     assert json.loads(storage.read_text(lock.uri))["token"] == "intruder", "release must leave a new owner's record"
+
+    # A commit made while the lost lock was held is refused before its marker is written.
+    lock = StageLock(output + "-commit", lease_s=3, heartbeat_s=0.2)
+    assert lock.try_acquire() is None
+    try:
+        staging = commits.local_staging(output + "-commit")
+        storage.write_text(storage.join(staging, "payload.txt"), "half of a build")
+        _overwrite(lock.uri, intruder)
+        assert lock.lost.wait(timeout=10), "no heartbeat noticed the record changed"
+        with pytest.raises(RunFailed, match="lost the lock on .*-commit"):
+            commits.finish(staging, output + "-commit")
+        assert not commits.is_committed(output + "-commit")
+    finally:
+        lock.release()
 
     # hold() yields only a bool, so it makes the same check itself when its block ends.
     with pytest.raises(RunFailed, match=r"lost the lock on .*-hold: it is now held by intruder-host:4242"):

@@ -11,7 +11,7 @@ import os
 import shutil
 from typing import Optional
 
-from jobs.core import storage
+from jobs.core import locks, storage
 from jobs.core.errors import UserError
 
 COMMIT_MARKER = "COMMITTED"
@@ -74,6 +74,7 @@ def staging_dir(out: str) -> str:
 
 def commit(staging: str, out: str) -> None:
     """Marker last; a local build then takes `out`'s place."""
+    locks.check_before_commit(out)
     storage.write_text(storage.join(staging, COMMIT_MARKER), "")
     if storage.is_s3(out):
         return
@@ -91,6 +92,7 @@ def publish(local: str, out: str) -> None:
         storage.delete_file(marker)
     storage.delete_prefix(out)
     storage.upload_dir(local, out, skip=(COMMIT_MARKER,))
+    locks.check_before_commit(out)
     storage.write_text(marker, "")
 
 

@@ -16,8 +16,9 @@ over, as is one held by a process on this host that no longer exists. Expiry com
 time.time() across hosts: their clocks must agree to well within the lease (NTP does).
 
 A lease is not a fence: a holder that stalls past its lease (a long GC pause, a frozen VM) can be
-taken over and keep writing. Builders call check() before committing their output, so the loser
-of such a race stops instead of overwriting the winner's commit marker.
+taken over and keep writing. Every commit (jobs/core/commits, and the controller's in-place train
+output) calls check_before_commit() before writing its marker, so the loser of such a race stops
+instead of marking an output finished that the winner is building.
 """
 
 import contextlib
@@ -252,6 +253,8 @@ class StageLock:
                 log.warning("took over the lock on %s from %s: %s", self.output, current.get("owner", "?"), why)
             self._record, self._version = mine, new_version
             self.lost.clear()
+            with _HELD_MUTEX:
+                _HELD[_norm(self.output)] = self
             self._stop.clear()
             self._thread = threading.Thread(target=self._heartbeat, name=f"lock-heartbeat {self.uri}", daemon=True)
             self._thread.start()
@@ -293,6 +296,9 @@ class StageLock:
 
     def release(self) -> None:
         """Stop the heartbeat and delete the record if it is still ours. Safe to call more than once."""
+        with _HELD_MUTEX:
+            if _HELD.get(_norm(self.output)) is self:
+                del _HELD[_norm(self.output)]
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
@@ -301,6 +307,24 @@ class StageLock:
             if self._store.swap(None, self._version) is None:
                 log.warning("the lock record %s changed before release; left it to its new owner", self.uri)
         self._record = self._version = None
+
+
+_HELD: dict = {}  # output -> the StageLock this process holds on it
+_HELD_MUTEX = threading.Lock()
+
+
+def _norm(output: str) -> str:
+    return output.rstrip("/")
+
+
+def check_before_commit(output: str) -> None:
+    """Raise RunFailed if this process held a lock on `output` and lost it (another controller took it
+    over). Every commit calls it before writing its marker, so a build whose lock was taken over never
+    marks the output finished, even when the stage code does not know about locks."""
+    with _HELD_MUTEX:
+        lock = _HELD.get(_norm(output))
+    if lock is not None:
+        lock.check()
 
 
 @contextlib.contextmanager
