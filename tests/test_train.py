@@ -75,9 +75,10 @@ def _loss_by_step(client, run_id, key="loss"):
 
 @pytest.fixture(scope="module")
 def reference(ray_cluster, tmp_path_factory):
-    """`t5adapt train configs/tiny.yaml` in an empty root: prepare, adapt, then 30 ZeRO-2 steps."""
+    """`t5adapt train configs/tiny.yaml` in an empty root: prepare, adapt, then 30 ZeRO-2 steps, with
+    5 held-out examples scored at each checkpoint (odd, so one rank pads its last micro-batch)."""
     root = str(tmp_path_factory.mktemp("train-ref"))
-    assert main(["train", TINY, "--root", root]) == 0
+    assert main(["train", TINY, "--root", root, "train.heldout_examples=5"]) == 0
     client, run = _train_run(root, "tiny")
     return {"root": root, "client": client, "run": run, "losses": _loss_by_step(client, run.info.run_id)}
 
@@ -127,6 +128,19 @@ def test_train_from_empty_root_learns_tracks_and_exports(reference):
         assert not torch.equal(initial(**probe["inputs"]).logits, logits)
     info = json.load(open(os.path.join(export, "t5adapt_train.json")))
     assert info["step"] == 30 and info["probe_max_abs_diff"] == 0.0
+
+    # The held-out loss training logged at its last checkpoint (2 ranks, ZeRO-2) is the evaluate
+    # stage's, computed by transformers on the exported model over the same 5 examples.
+    from jobs.core.examples_io import read_heldout_examples
+    from jobs.evaluate.heldout import heldout_loss
+
+    heldout = _loss_by_step(client, run.info.run_id, "heldout_loss")
+    assert sorted(heldout) == [10, 20, 30]
+    metadata, rows = read_heldout_examples(_stage(root, "prepare"), limit=5)
+    assert len(rows["input_ids"]) == 5
+    expected = heldout_loss(model, rows, metadata, batch_size=8, progress=False)["loss"]
+    assert heldout[30] == pytest.approx(expected, rel=1e-5)
+    assert heldout[10] != pytest.approx(heldout[30], rel=1e-3)  # scored on each checkpoint's weights
 
 
 def _kill_a_worker_after(path, stop):

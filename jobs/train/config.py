@@ -46,6 +46,10 @@ class TrainConfig:
     cross_attn_warmup_steps: Optional[int] = None
     on_nonfinite_loss: str = "stop"  # stop: fail naming the step | skip: discard that optimizer step, count it
     checkpoint_every_steps: int = 100
+    # Held-out examples scored at every checkpoint (the first N of the prepared held-out split, the
+    # ones the evaluate stage scores first), logged as heldout_loss to MLflow and to Ray Tune (a
+    # sweep's ASHA scheduler stops trials on it). 0: none.
+    heldout_examples: int = 0
     keep_checkpoints: int = 2
     log_every_steps: int = 1
     max_failures: int = 2  # dead-worker restarts (from the last committed checkpoint) before giving up
@@ -92,9 +96,11 @@ class TrainConfig:
             raise ValueError(f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         if self.seed < 0:
             raise ValueError(f"train.seed={self.seed} must be >= 0")
-        if self.lr <= 0 or self.warmup_steps < 0 or self.grad_clip < 0 or self.max_failures < -1:
-            raise ValueError("train.lr must be > 0, train.warmup_steps and train.grad_clip >= 0, "
-                             "train.max_failures >= -1 (-1 retries forever)")
+        if self.heldout_examples < 0:
+            raise ValueError(f"train.heldout_examples={self.heldout_examples} must be >= 0 (0: no held-out loss in training)")
+        if self.lr < 0 or self.warmup_steps < 0 or self.grad_clip < 0 or self.max_failures < -1:
+            raise ValueError("train.lr, train.warmup_steps and train.grad_clip must be >= 0 (lr=0 trains nothing: "
+                             "a baseline), train.max_failures >= -1 (-1 retries forever)")
         if self.cross_attn_warmup_steps is not None and self.cross_attn_warmup_steps < 0:
             raise ValueError(f"train.cross_attn_warmup_steps={self.cross_attn_warmup_steps} must be >= 0")
         if self.cpus_per_worker <= 0 or (self.use_gpu and self.gpus_per_worker <= 0):

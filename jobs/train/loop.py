@@ -38,6 +38,8 @@ class RunSpec:
     denoiser_names: List[str]
     cross_attn_warmup_steps: int  # 0: none
     cross_attn_patterns: List[str]
+    data_dir: str = ""  # the prepared examples (for the held-out split)
+    heldout_examples: int = 0  # score this many held-out examples at every checkpoint
     tracking_uri: Optional[str] = None  # None: no MLflow
     mlflow_run_id: Optional[str] = None
     env: Dict[str, str] = field(default_factory=dict)  # set in each worker before anything imports
@@ -235,12 +237,46 @@ def maybe_checkpoint(engine, spec: RunSpec, state: dict, batch: dict, ctx: Worke
     final = step == cfg.max_steps
     if step % cfg.checkpoint_every_steps and not final:
         return
+    if spec.heldout_examples:
+        metrics = dict(metrics, heldout_loss=heldout_loss(engine, spec, ctx))
+        if tracker:
+            tracker.evaluated(step, metrics["heldout_loss"])
     probe = probe_logits(engine, batch) if final else None
     uri = checkpoints.save(engine, spec.storage, step, dict(state), spec.config_hash, cfg.keep_checkpoints,
                            probe=probe if ctx.rank == 0 else None)
     if tracker:
         tracker.checkpointed(step, uri)
     ctx.report({**metrics, "step": step, "checkpoint": uri})
+
+
+def heldout_loss(engine, spec: RunSpec, ctx: WorkerContext) -> float:
+    """Mean token cross-entropy of the first spec.heldout_examples held-out examples, as the evaluate
+    stage computes it (jobs/evaluate/heldout.py, the same examples first). Rank r scores examples
+    r, r + world, ...; every rank runs the same number of forwards (ZeRO-3 gathers parameters in
+    each), a rank short of examples repeating one with weight 0."""
+    import torch.distributed as dist
+
+    from jobs.core.examples_io import make_collate, read_heldout_examples
+
+    _, rows = read_heldout_examples(spec.data_dir, limit=spec.heldout_examples)
+    count, size = len(rows["input_ids"]), spec.train.micro_batch_size
+    mine = list(range(ctx.rank, count, ctx.world_size))
+    forwards = -(-(-(-count // ctx.world_size)) // size)  # ceil(ceil(count / world) / size)
+    collate = make_collate(spec.encoder_length, spec.decoder_length, spec.pad_id)
+    sums = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # [loss sum, target tokens]
+    engine.eval()
+    with torch.no_grad():
+        for start in range(0, forwards * size, size):
+            chosen = mine[start:start + size]
+            weights = [1.0] * len(chosen) + [0.0] * (size - len(chosen))
+            chosen = chosen + [mine[0] if mine else 0] * (size - len(chosen))
+            batch = {k: v.to(ctx.device) for k, v in collate({c: v[chosen] for c, v in rows.items()}).items()}
+            token_loss, mask = token_losses(engine, batch)
+            weight = torch.tensor(weights, dtype=torch.float64, device=ctx.device)[:, None]
+            sums += torch.stack([(token_loss.double() * weight).sum(), (mask.double() * weight).sum()])
+    engine.train()
+    dist.all_reduce(sums)
+    return float(sums[0] / sums[1]) if sums[1] else float("nan")
 
 
 def probe_logits(engine, batch: dict) -> dict:

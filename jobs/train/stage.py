@@ -64,6 +64,9 @@ def run_train(cfg: TrainConfig, data_dir: str, init_dir: str, storage_root: str,
     adapt_info = json.loads(storage.read_text(storage.join(init_dir, "t5adapt_adapt.json")))
     check_compatible(metadata, data_dir, init_dir)
     check_readable(data_dir, metadata)
+    if cfg.heldout_examples and not (metadata.get("heldout") or {}).get("examples"):
+        raise UserError(f"train.heldout_examples={cfg.heldout_examples} but {data_dir} has no held-out examples: "
+                        "raise data.heldout_fraction, or set train.heldout_examples=0")
     check_previous_checkpoints(storage_root, key, force)
     start_ray(cfg)
     if not storage.is_s3(storage_root):
@@ -166,7 +169,8 @@ def _spec(cfg: TrainConfig, data_dir: str, init_dir: str, storage_root: str, met
         if warmup_steps >= cfg.max_steps:
             log.warning("the cross-attention warm-up (%d steps) covers the whole run (train.max_steps=%d): "
                         "only cross-attention will train", warmup_steps, cfg.max_steps)
-    return RunSpec(train=cfg, init_dir=init_dir, storage=storage_root, config_hash=key,
+    return RunSpec(train=cfg, init_dir=init_dir, storage=storage_root, config_hash=key, data_dir=data_dir,
+                   heldout_examples=cfg.heldout_examples,
                    encoder_length=metadata["encoder_length"], decoder_length=metadata["decoder_length"],
                    pad_id=metadata["pad_id"], num_examples=metadata["num_examples"],
                    denoiser_names=denoiser_names(metadata),

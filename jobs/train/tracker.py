@@ -73,6 +73,9 @@ class RankZeroTracker:
         self._metrics(step, {**metrics, **extra})
         return extra
 
+    def evaluated(self, step: int, heldout_loss: float) -> None:
+        self._metrics(step, {"heldout_loss": heldout_loss})
+
     def checkpointed(self, step: int, uri: str) -> None:
         self._tags({"t5adapt.last_checkpoint": uri, "t5adapt.last_checkpoint_step": step})
         self._metrics(step, {"checkpoint_step": step})
