@@ -19,6 +19,8 @@ demo: $(STAMP)
 	$(VENV)/bin/t5adapt run configs/quickstart.yaml
 
 test: $(STAMP)
+	# Chromium renders the MLflow UI in tests/test_mlflow_browser.py; CI is root on Debian 12.
+	command -v chromium >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

@@ -10,6 +10,7 @@ from jobs.core.errors import RunFailed, UserError
 _EPILOG = """examples:
   t5adapt run configs/quickstart.yaml                    # the whole pipeline on the real Gemma 3 270M
   t5adapt run configs/tiny.yaml train.lr=0.001           # only train, evaluate and export run again
+  t5adapt sweep configs/sweep_tiny.yaml                  # pairings x learning rates under Ray Tune
   t5adapt ls                                             # runs under the root, their stages and loss
   t5adapt show quickstart                                # one run: stage keys, states, timings, paths
   t5adapt ui                                             # the MLflow UI on the run store (127.0.0.1)
@@ -109,9 +110,30 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--step", type=int, help="a training checkpoint's step (default: the finished run)")
     export.add_argument("--out", help="output directory or s3:// prefix")
 
-    ls = commands.add_parser("ls", help="list the runs under the root", description="A table of the runs under "
-                             "the root: name, pairing, each stage's state, held-out loss, last update.")
+    sweep = commands.add_parser(
+        "sweep", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="many runs under Ray Tune: encoder/decoder pairings x hyper-parameters, and the frontier",
+        description="Run a sweep: every pairing (explicit encoder/decoder sources, or a grid over encoder and\n"
+        "decoder depth) x every hyper-parameter setting (Tune search spaces in YAML) is one trial, and\n"
+        "every trial is a `t5adapt run` of its own config: stages that trials share are built once.\n"
+        "scheduler.type=asha stops trials whose held-out loss lags at a checkpoint. At the end: the\n"
+        "quality-vs-inference-cost frontier (probe cross-entropy against generate latency and total\n"
+        "parameters, Pareto-optimal trials marked, the source decoder-only model as a reference) as\n"
+        "a table, ROOT/sweeps/ID/frontier.csv and frontier.png, all logged to the sweep's MLflow run.",
+        epilog="examples:\n  t5adapt sweep configs/sweep_tiny.yaml\n"
+        "  t5adapt sweep configs/sweep_quickstart.yaml max_concurrent_trials=1 scheduler.type=asha\n"
+        "  t5adapt ls --sweep sweep-tiny        # trials, states and metrics (also while it runs)\n"
+        "Overrides set sweep config keys; `overrides.train.max_steps=50` reaches every trial's run config.\n"
+        "Interrupted? Run the same command again: finished trials are kept, the unfinished one resumes.")
+    sweep.add_argument("config", metavar="SWEEP_CONFIG", help="YAML sweep config, e.g. configs/sweep_tiny.yaml")
+    sweep.add_argument("overrides", nargs="*", metavar="key=value", help="sweep config overrides")
+    sweep.add_argument("--root", help=_ROOT_HELP)
+
+    ls = commands.add_parser("ls", help="list the runs (or a sweep's trials) under the root",
+                             description="A table of the runs under the root: name, pairing, each stage's state, "
+                                         "held-out loss, last update. With --sweep: that sweep's trials.")
     ls.add_argument("--root", help=_ROOT_HELP)
+    ls.add_argument("--sweep", metavar="ID", help="a sweep's ID or name (ROOT/sweeps/ID): list its trials")
     show = commands.add_parser("show", help="one run's stages, keys, states, timings and paths",
                                description="One run in full: run key, MLflow run, and per stage its key, state, "
                                            "timing, main numbers and output location.")
@@ -206,7 +228,25 @@ def _ls(args) -> None:
     from orchestrator import report
     from orchestrator.config import default_root
 
+    if args.sweep:
+        from orchestrator.sweep import ls_sweep
+
+        print(ls_sweep(args.root or default_root(), args.sweep))
+        return
     print(report.ls(args.root or default_root()))
+
+
+def _sweep(args) -> None:
+    from orchestrator.config import default_root
+    from orchestrator.sweep import run_sweep
+    from orchestrator.sweep_config import load_sweep
+
+    root = args.root or default_root()
+    result = run_sweep(load_sweep(args.config, args.overrides), root)
+    print(f"\nsweep {result['id']}: {len(result['trials'])} trial(s); list them: t5adapt ls --sweep {result['id']}"
+          + (f" --root {root}" if args.root else ""))
+    if result["mlflow_run_id"]:
+        print(f"MLflow run {result['mlflow_run_id']}; browse it: t5adapt ui --root {root}")
 
 
 def _show(args) -> None:
@@ -219,14 +259,19 @@ def _show(args) -> None:
 def _ui(args) -> None:
     import subprocess
 
-    from jobs.core.tracking import TrackingConfig, tracking_uri
+    from jobs.core.tracking import TrackingConfig, experiment_id, tracking_uri
     from orchestrator.config import default_root
 
     root = args.root or default_root()
     uri = tracking_uri(TrackingConfig(), root)
     if uri.startswith("sqlite:///") and not os.path.isfile(uri[len("sqlite:///"):]):
         raise UserError(f"no MLflow store at {uri}: run something first (t5adapt run CONFIG --root {root})")
-    print(f"MLflow UI for {uri}: http://127.0.0.1:{args.port}  (Ctrl-C stops it)", flush=True)
+    base = f"http://127.0.0.1:{args.port}"
+    # MLflow 3's UI opens an experiment on its GenAI overview (no runs) unless the route asks for the
+    # model-training runs table; sorted by name, nested runs (stages, sweep trials) are listed too.
+    runs = (f"{base}/#/experiments/{experiment_id(TrackingConfig(), root)}/runs?workflowType=machine_learning"
+            "&orderByKey=tags.%60mlflow.runName%60&orderByAsc=true")
+    print(f"MLflow UI for {uri}: {base}  (Ctrl-C stops it)\nthe runs: {runs}", flush=True)
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
                "--port", str(args.port)]
     if uri.startswith("sqlite:///"):
@@ -252,6 +297,7 @@ def main(argv=None) -> int:
         args.overrides = list(args.overrides) + extra
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     handler = {"run": _run, "adapt": _adapt, "prepare": _prepare, "train": _train, "export": _export, "ls": _ls,
+               "sweep": _sweep,
                "show": _show, "ui": _ui, "config": _config_show}[args.command]
     try:
         handler(args)

@@ -53,8 +53,14 @@ def default_root() -> str:
 
 def load_config(path: str, overrides: Sequence[str] = ()) -> JobConfig:
     """Read a YAML config, apply `key=value` overrides, validate, and return a frozen JobConfig."""
+    values = read_yaml(path, "config file", "try configs/quickstart.yaml or configs/tiny.yaml")
+    return _build(values, list(overrides), origin=path)
+
+
+def read_yaml(path: str, what: str, hint: str) -> dict:
+    """A YAML file holding a mapping, or a UserError naming the file."""
     if not os.path.isfile(path):
-        raise UserError(f"config file not found: {path} (try configs/quickstart.yaml or configs/tiny.yaml)")
+        raise UserError(f"{what} not found: {path} ({hint})")
     try:
         with open(path) as f:
             values = yaml.safe_load(f) or {}
@@ -62,21 +68,22 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> JobConfig:
         raise UserError(f"{path} is not valid YAML: {e}") from None
     if not isinstance(values, dict):
         raise UserError(f"{path} must hold a mapping of config keys, not a {type(values).__name__}")
-    return _build(values, list(overrides), origin=path)
+    return values
 
 
-def _build(values: dict, overrides: List[str], origin: str) -> JobConfig:
+def _build(values: dict, overrides: List[str], origin: str, cls=JobConfig):
+    """`values` + `overrides` checked against the dataclass `cls` (JobConfig, or the sweep's schema)."""
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise UserError(f"override {item!r} must look like key=value, e.g. adapt.encoder_layers=every:3")
-    schema = OmegaConf.structured(JobConfig)
+    schema = OmegaConf.structured(cls)
     try:
         merged = OmegaConf.merge(schema, OmegaConf.create(values), OmegaConf.from_dotlist(overrides))
         job = OmegaConf.to_object(merged)
     except MissingMandatoryValue as e:
         raise UserError(f"{e.full_key} is required but {origin} does not set it (add it, or pass {e.full_key}=...)") from None
     except ConfigKeyError as e:
-        raise UserError(_unknown_key_message(e.full_key or str(e.key), origin)) from None
+        raise UserError(_unknown_key_message(e.full_key or str(e.key), origin, cls)) from None
     except OmegaConfBaseException as e:
         # Type errors: OmegaConf's first line already says what value did not fit which type.
         reason = str(e).splitlines()[0]
@@ -87,9 +94,9 @@ def _build(values: dict, overrides: List[str], origin: str) -> JobConfig:
     return job
 
 
-def _unknown_key_message(full_key: str, origin: str) -> str:
+def _unknown_key_message(full_key: str, origin: str, cls=JobConfig) -> str:
     parts = full_key.split(".")
-    known = _fields_at(JobConfig, parts[:-1])
+    known = _fields_at(cls, parts[:-1])
     hint = difflib.get_close_matches(parts[-1], known, n=1)
     prefix = ".".join(parts[:-1])
     suggestion = f"; did you mean {'.'.join(filter(None, [prefix, hint[0]]))}?" if hint else ""

@@ -40,6 +40,9 @@ class Run:
     parent_run_id: Optional[str] = None
     results: Dict[str, dict] = field(default_factory=dict)  # stage -> what its job returned (or read back)
     say: Callable[[str], None] = print
+    mlflow_parent: Optional[str] = None  # a sweep's MLflow run: this run's parent run nests under it
+    tags: Dict[str, str] = field(default_factory=dict)  # extra tags of the parent run (a sweep trial's)
+    train_callbacks: list = field(default_factory=list)  # Ray Train callbacks (a sweep's TuneReportCallback)
 
     @property
     def tracking_uri(self) -> Optional[str]:
@@ -47,10 +50,13 @@ class Run:
 
 
 def run(job, root: str, wanted=STAGES, outputs: Optional[Dict[str, str]] = None, force: bool = False,
-        say: Callable[[str], None] = print) -> Run:
+        say: Callable[[str], None] = print, mlflow_parent: Optional[str] = None, tags: Optional[Dict[str, str]] = None,
+        train_callbacks: Optional[list] = None) -> Run:
     """Run these of `job`'s stages, in pipeline order (`t5adapt run`: all; `train`: up to train;
     `adapt`: adapt alone). `outputs` places a stage's output somewhere else than the store (`--out`);
-    force replaces what is there if it was made from another key. Returns the Run (stages, results)."""
+    force replaces what is there if it was made from another key. A sweep trial passes the sweep's
+    MLflow run (`mlflow_parent`), tags for its own parent run, and Ray Train callbacks that pass
+    training metrics up to Ray Tune. Returns the Run (stages, results)."""
     from orchestrator.config import to_yaml
 
     wanted = [name for name in STAGES if name in wanted]
@@ -61,7 +67,8 @@ def run(job, root: str, wanted=STAGES, outputs: Optional[Dict[str, str]] = None,
     run_key = keys.run_key(job, stages)
     ledger = Ledger.open(os.path.join(root, job.name), to_yaml(job), run_key, stages)
     ledger.set(pairing=pairing(job))
-    current = Run(job, root, stages, denoising, ledger, run_key, say=say)
+    current = Run(job, root, stages, denoising, ledger, run_key, say=say, mlflow_parent=mlflow_parent,
+                  tags=dict(tags or {}), train_callbacks=list(train_callbacks or []))
     current.parent_run_id = _parent_run(current)
     status = "FAILED"
     try:
@@ -202,7 +209,8 @@ def _train(current: Run, stage: Stage, run_id, force) -> dict:
     from jobs.train.stage import run_train
 
     result = run_train(current.job.train, current.stages["prepare"].output, current.stages["adapt"].output,
-                       stage.output, stage.key, tracking_uri=current.tracking_uri, mlflow_run_id=run_id)
+                       stage.output, stage.key, tracking_uri=current.tracking_uri, mlflow_run_id=run_id,
+                       callbacks=current.train_callbacks)
     _write_json(stage.output, "t5adapt_stage.json", dict(result, config_hash=stage.key))
     locks.check_before_commit(stage.output)
     storage.write_text(storage.join(stage.output, COMMIT_MARKER), "")  # the output builds in place: marker last
@@ -289,15 +297,18 @@ def _parent_run(current: Run) -> Optional[str]:
     cfg, root = job.tracking, current.root
     found = tracking.find_run(cfg, root, {"t5adapt.run_key": current.run_key})
     if found:
-        tracking.client(cfg, root).update_run(found, status="RUNNING")
+        client = tracking.client(cfg, root)
+        client.update_run(found, status="RUNNING")
+        if current.mlflow_parent:  # a sweep re-run under a new sweep run: the trial moves under it
+            client.set_tag(found, "mlflow.parentRunId", current.mlflow_parent)
         current.ledger.set(mlflow_run_id=found)
         return found
-    tags = {"t5adapt.run_key": current.run_key, "t5adapt.run": job.name, "t5adapt.pairing": pairing(job),
+    tags = {**current.tags, "t5adapt.run_key": current.run_key, "t5adapt.run": job.name, "t5adapt.pairing": pairing(job),
             "t5adapt.source": job.adapt.source, "t5adapt.decoder_source": job.adapt.decoder_source or job.adapt.source,
             "t5adapt.git_commit": _git_commit(), "t5adapt.version": _version(),
             **{f"t5adapt.stage_key.{n}": s.key for n, s in current.stages.items()}}
     params = tracking.flatten("", OmegaConf.to_container(OmegaConf.structured(job)))
-    run_id = tracking.start_run(cfg, root, job.name, tags, params=params)
+    run_id = tracking.start_run(cfg, root, job.name, tags, parent_id=current.mlflow_parent, params=params)
     current.ledger.set(mlflow_run_id=run_id)
     return run_id
 

@@ -322,6 +322,8 @@ def test_ui_serves_the_run_store_on_loopback(first_run):
                                start_new_session=True)
     try:
         assert f"http://127.0.0.1:{port}" in process.stdout.readline()
+        # ... and the runs table's URL: MLflow 3 otherwise opens the experiment on its GenAI overview.
+        assert "/runs?workflowType=machine_learning" in process.stdout.readline()
 
         def answers():
             try:

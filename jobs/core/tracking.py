@@ -67,8 +67,9 @@ def check_store(cfg: TrackingConfig, root: str) -> None:
 def experiment_id(cfg: TrackingConfig, root: str) -> str:
     """The experiment's id, created on first use (a local store keeps artifacts in <root>/mlartifacts).
 
-    It is tagged as a model-development experiment: MLflow 3's UI otherwise opens a new experiment
-    on its (empty) GenAI traces page instead of the runs table."""
+    It is tagged as a model-development experiment (MLflow's own marker for training runs). MLflow
+    3.17's UI still opens an experiment on the view its sidebar switch last chose (GenAI by default):
+    `t5adapt ui` prints the runs-table URL (?workflowType=machine_learning)."""
     uri = tracking_uri(cfg, root)
     mlflow = client(cfg, root)
     experiment = mlflow.get_experiment_by_name(cfg.experiment)

@@ -53,11 +53,13 @@ def start_ray(cfg: TrainConfig) -> None:
 
 
 def run_train(cfg: TrainConfig, data_dir: str, init_dir: str, storage_root: str, key: str,
-              tracking_uri: Optional[str] = None, mlflow_run_id: Optional[str] = None, force: bool = False) -> dict:
+              tracking_uri: Optional[str] = None, mlflow_run_id: Optional[str] = None, force: bool = False,
+              callbacks: Optional[list] = None) -> dict:
     """Train the adapted model in `init_dir` on the examples in `data_dir`, with checkpoints under
     `storage_root` (a directory or an s3:// prefix) and the final model at STORAGE/model. `key` is the
     stage key every checkpoint records; a re-run resumes from the newest intact checkpoint of that
-    key. Metrics go to the MLflow run `mlflow_run_id` when given. Returns a summary (final step,
+    key. Metrics go to the MLflow run `mlflow_run_id` when given; `callbacks` are Ray Train callbacks
+    (a sweep passes Tune's TuneReportCallback: every checkpoint report is a Tune result). Returns a summary (final step,
     model location, probe difference, tokens seen)."""
     advise(cfg)
     metadata = read_metadata(data_dir)
@@ -82,7 +84,7 @@ def run_train(cfg: TrainConfig, data_dir: str, init_dir: str, storage_root: str,
     committed = checkpoints.committed_steps(storage_root)
     final = checkpoints.newest_intact(storage_root) if committed and committed[0] >= cfg.max_steps else None
     if final is None or final < cfg.max_steps:
-        _fit(cfg, data_dir, storage_root, spec, metadata, key)
+        _fit(cfg, data_dir, storage_root, spec, metadata, key, callbacks or [])
         final = checkpoints.newest_intact(storage_root)
     if final is None or final < cfg.max_steps:
         raise RunFailed(f"training ended without an intact checkpoint of step {cfg.max_steps} in "
@@ -179,7 +181,8 @@ def _spec(cfg: TrainConfig, data_dir: str, init_dir: str, storage_root: str, met
                    env={k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ})
 
 
-def _fit(cfg: TrainConfig, data_dir: str, storage_root: str, spec: RunSpec, metadata: dict, key: str) -> None:
+def _fit(cfg: TrainConfig, data_dir: str, storage_root: str, spec: RunSpec, metadata: dict, key: str,
+         callbacks: list) -> None:
     import ray.train
     from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -197,7 +200,7 @@ def _fit(cfg: TrainConfig, data_dir: str, storage_root: str, spec: RunSpec, meta
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         # Named by the stage key, never a timestamp: a re-run finds the same Ray Train run.
         run_config=RunConfig(name=f"train-{key}", storage_path=ray_storage, storage_filesystem=filesystem,
-                             failure_config=FailureConfig(max_failures=cfg.max_failures)),
+                             failure_config=FailureConfig(max_failures=cfg.max_failures), callbacks=callbacks),
         datasets=rank_datasets(data_dir, metadata, cfg.num_workers),
         dataset_config=DataConfig(datasets_to_split=[], execution_options=ingest_options()))
     stopped = storage.join(storage_root, STOPPED)

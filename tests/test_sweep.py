@@ -1,0 +1,279 @@
+"""`t5adapt sweep` end to end on the tiny config: Ray Tune over 4 depth pairings x 2 learning rates
+(every trial a controller run with a real local Ray cluster, real DeepSpeed, a real MLflow store),
+a driver killed mid-sweep and resumed, ASHA stopping a trial that cannot learn, the frontier, and
+the MLflow UI in headless Chromium."""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from orchestrator.cli import main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SWEEP = os.path.join(REPO, "configs", "sweep_tiny.yaml")
+PAIRINGS = {"eall-dall", "eall-dfirst3", "efirst3-dall", "efirst3-dfirst3"}
+
+
+def _sweep_dir(root, name="sweep-tiny"):
+    found = glob.glob(os.path.join(root, "sweeps", f"{name}-*"))
+    return found[0] if len(found) == 1 else None
+
+
+def _trials(root, name="sweep-tiny"):
+    folder = _sweep_dir(root, name)
+    path = os.path.join(folder, "trials.json") if folder else ""
+    try:
+        return json.load(open(path)) if os.path.isfile(path) else {}
+    except ValueError:  # caught between two writes: never, they are atomic; but be safe when polling
+        return {}
+
+
+def _ledger(root, run):
+    from orchestrator import ledger
+
+    return ledger.read(os.path.join(root, run))
+
+
+def _files(folder):
+    found = {}
+    for directory, _, names in os.walk(folder):
+        for name in names:
+            stat = os.stat(os.path.join(directory, name))
+            found[os.path.relpath(os.path.join(directory, name), folder)] = (stat.st_size, stat.st_mtime_ns)
+    return found
+
+
+def _mlflow(root):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{os.path.abspath(root)}/mlflow.db")
+    experiment = client.get_experiment_by_name("t5adapt")
+    return client, experiment, client.search_runs([experiment.experiment_id], max_results=1000)
+
+
+def _wait_for(predicate, timeout_s, what, process=None):
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if predicate():
+            return
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"the sweep exited ({process.returncode}) before {what}:\n{process.stdout.read()[-3000:]}")
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _checkpointed_trial(root):
+    """A running trial whose training committed its first checkpoint, once another trial is done."""
+    trials = _trials(root)
+    if not any(t["state"] == "done" for t in trials.values()):
+        return None
+    for name, trial in trials.items():
+        if trial["state"] != "running":
+            continue
+        train = (_ledger(root, name).get("stages") or {}).get("train") or {}
+        marker = os.path.join(train.get("output", "/nonexistent"), "checkpoints", "step-000002", "COMMITTED")
+        if train.get("state") == "running" and os.path.isfile(marker):
+            return name
+    return None
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    """The tiny sweep, its driver SIGKILLed (with its Ray cluster) once a trial is done and the next
+    one has a training checkpoint, then the same command run again to the end."""
+    root = str(tmp_path_factory.mktemp("sweep"))
+    command = [sys.executable, "-m", "orchestrator.cli", "sweep", SWEEP, "--root", root]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    try:
+        _wait_for(lambda: _checkpointed_trial(root), 1200, "a trial with a training checkpoint", process)
+        killed = _checkpointed_trial(root)
+        done = sorted(n for n, t in _trials(root).items() if t["state"] == "done")
+        before = {n: _files(os.path.join(root, "stages")) for n in done[:1]}
+        _, _, runs_before = _mlflow(root)
+        os.killpg(process.pid, signal.SIGKILL)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=60)
+    rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=2400)
+    assert rerun.returncode == 0, rerun.stdout[-4000:] + rerun.stderr[-4000:]
+    return {"root": root, "killed": killed, "done_before_kill": done, "runs_before": runs_before,
+            "stage_files_before": before, "output": rerun.stdout}
+
+
+def test_sweep_runs_every_trial_nested_under_one_parent_and_shares_stages(swept):
+    root = swept["root"]
+    trials = _trials(root)
+    assert len(trials) == 8 and {t["state"] for t in trials.values()} == {"done"}
+    assert {t["pairing"] for t in trials.values()} == PAIRINGS
+    assert sorted(t["params"]["train.lr"] for t in trials.values()) == [0.0005] * 4 + [0.002] * 4
+    client, _, runs = _mlflow(root)
+    by_id = {r.info.run_id: r for r in runs}
+    sweeps = [r for r in runs if r.data.tags.get("t5adapt.kind") == "sweep"]
+    assert len(sweeps) == 1 and sweeps[0].info.status == "FINISHED"
+    trial_runs = [r for r in runs if r.data.tags.get("t5adapt.trial")]
+    assert sorted(r.info.run_name for r in trial_runs) == sorted(trials)
+    assert {r.data.tags["mlflow.parentRunId"] for r in trial_runs} == {sweeps[0].info.run_id}
+    stage_runs = [r for r in runs if r.data.tags.get("t5adapt.stage")]
+    for run in stage_runs:  # every stage run sits under its trial's run, which sits under the sweep
+        parent = by_id[run.data.tags["mlflow.parentRunId"]]
+        assert parent.data.tags.get("t5adapt.trial") and parent.info.run_name == run.info.run_name.split("/")[0]
+    built = {stage: sum(r.data.tags["t5adapt.stage"] == stage for r in stage_runs)
+             for stage in ("prepare", "adapt", "train", "evaluate", "export")}
+    # One prepared dataset for all, one adapted checkpoint per pairing, the rest per trial.
+    assert built == {"prepare": 1, "adapt": 4, "train": 8, "evaluate": 8, "export": 8}
+
+
+def test_killed_sweep_resumes_without_rerunning_finished_trials(swept):
+    root, killed = swept["root"], swept["killed"]
+    assert killed and swept["done_before_kill"] and killed not in swept["done_before_kill"]
+    client, _, runs = _mlflow(root)
+    # A trial finished before the kill: no new run of its stages, and its outputs untouched.
+    for name in swept["done_before_kill"]:
+        key = _ledger(root, name)["run_key"]
+        assert (sum(r.data.tags.get("t5adapt.parent_run_key") == key for r in runs)
+                == sum(r.data.tags.get("t5adapt.parent_run_key") == key for r in swept["runs_before"]))
+    now = _files(os.path.join(root, "stages"))
+    for name, before in swept["stage_files_before"].items():
+        for stage, entry in _ledger(root, name)["stages"].items():
+            prefix = os.path.basename(entry["output"]) + os.sep
+            kept = {k: v for k, v in before.items() if k.startswith(prefix)}
+            assert kept and all(now.get(k) == v for k, v in kept.items()), (name, stage)
+    # The killed trial resumed its training from the checkpoint, in the same MLflow run.
+    train = _ledger(root, killed)["stages"]["train"]
+    run = client.get_run(train["mlflow_run_id"])
+    assert run.data.tags.get("t5adapt.resumed_from_step") == "2" and run.info.status == "FINISHED"
+    assert "resuming from" in swept["output"]
+
+
+def test_frontier_table_csv_and_plot(swept):
+    import csv
+
+    from PIL import Image
+
+    root = swept["root"]
+    folder = _sweep_dir(root)
+    rows = list(csv.DictReader(open(os.path.join(folder, "frontier.csv"))))
+    trials = [r for r in rows if r["kind"] == "trial"]
+    sources = [r for r in rows if r["kind"] == "source"]
+    assert len(trials) == 8 and [s["name"] for s in sources] == ["source: builtin:tiny-gemma3"]
+    assert all(float(r["quality"]) > 0 and float(r["latency_s"]) > 0 and int(r["parameters"]) > 0 for r in rows)
+    assert any(r["pareto"] == "true" for r in rows)
+    # The fewer layers, the fewer parameters: the 3-3 pairing is the smallest trial.
+    smallest = min(trials, key=lambda r: int(r["parameters"]))
+    assert smallest["pairing"] == "efirst3-dfirst3"
+    image = Image.open(os.path.join(folder, "frontier.png"))
+    assert image.format == "PNG" and image.size[0] > 300
+    assert sorted(json.loads(image.info["t5adapt.points"])) == sorted(r["name"] for r in rows)
+    table = open(os.path.join(folder, "frontier.txt")).read()
+    assert all(name in table for name in _trials(root)) and "source: builtin:tiny-gemma3" in table
+    assert table.splitlines()[0].split()[:2] == ["name", "kind"] and table in swept["output"] + "\n"
+    # ... all logged to the sweep's MLflow run.
+    client, _, runs = _mlflow(root)
+    sweep_run = next(r for r in runs if r.data.tags.get("t5adapt.kind") == "sweep")
+    logged = {a.path for a in client.list_artifacts(sweep_run.info.run_id)}
+    assert {"frontier.csv", "frontier.png", "frontier.txt", "sweep.yaml", "trials.json"} <= logged
+
+
+def test_ls_sweep_lists_trials_and_show_works_for_a_trial(swept, capsys):
+    root = swept["root"]
+    assert main(["ls", "--sweep", "sweep-tiny", "--root", root]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("sweep-tiny-")]
+    assert len(lines) == 8 and all(" done " in line for line in lines)
+    trial = sorted(_trials(root))[0]
+    assert main(["show", trial, "--root", root]) == 0
+    out = capsys.readouterr().out
+    assert f"run {trial}" in out and "evaluate: " in out
+    assert main(["ls", "--sweep", "no-such-sweep", "--root", root]) == 2
+    assert "no sweep 'no-such-sweep'" in capsys.readouterr().err
+
+
+def test_asha_stops_a_trial_that_cannot_learn_and_the_next_trial_starts(swept, tmp_path, capsys):
+    """lr=0 cannot learn: at the first rung (step 2) its held-out loss lags the lr=0.002 trial's and
+    ASHA stops it; the lr=0.001 trial after it must still get the cluster and finish."""
+    import ray
+    import yaml
+
+    root = swept["root"]
+    values = yaml.safe_load(open(SWEEP))
+    values.update(name="sweep-asha", run=os.path.join(REPO, "configs", "tiny.yaml"), depths={},
+                  pairings=[{"name": "full", "encoder_layers": "all", "decoder_layers": "all"}],
+                  search={"train.lr": {"grid": [0.002, 0.0, 0.001]}},
+                  scheduler={"type": "asha", "grace_period": 2, "reduction_factor": 2}, max_concurrent_trials=1)
+    config = tmp_path / "sweep_asha.yaml"
+    config.write_text(yaml.safe_dump(values))
+    try:
+        assert main(["sweep", str(config), "--root", root]) == 0
+        groups = ray.util.placement_group_table().values()
+        assert groups and all(g["state"] == "REMOVED" for g in groups), [g["state"] for g in groups]
+    finally:
+        ray.shutdown()
+    trials = {t["params"]["train.lr"]: t for t in _trials(root, "sweep-asha").values()}
+    assert trials[0.0]["state"] == "stopped" and trials[0.0]["metrics"]["step"] == 2
+    assert trials[0.002]["state"] == "done" and trials[0.001]["state"] == "done"
+    assert trials[0.001]["metrics"]["step"] == 4
+    stopped = _ledger(root, trials[0.0]["name"])
+    assert stopped["stages"]["train"]["state"] == "interrupted" and "stopped early" in stopped["stages"]["train"]["error"]
+    client, _, runs = _mlflow(root)
+    run = client.get_run(stopped["mlflow_run_id"])
+    assert run.info.status == "KILLED" and "step 2" in run.data.tags["t5adapt.stopped"]
+    # The stopped trial is on the table, not on the frontier's plot (it has no evaluation).
+    out = capsys.readouterr().out
+    assert trials[0.0]["name"] in out
+
+
+def test_mlflow_ui_lists_the_sweep_and_its_trials_in_a_browser(swept):
+    from mlflow.tracking import MlflowClient
+
+    from tests import browser
+
+    root = swept["root"]
+    experiment = MlflowClient(f"sqlite:///{root}/mlflow.db").get_experiment_by_name("t5adapt")
+    process, url = browser.start_mlflow_ui(root)
+    try:
+        screenshot = os.path.join(browser.artifact_dir(), "sweep-mlflow-ui.png")
+        names = sorted(_trials(root))
+        page = browser.render(browser.experiment_url(url, experiment.experiment_id), screenshot,
+                              expect=["sweep sweep-tiny"] + names)
+    finally:
+        browser.stop(process)
+    assert all(name in page for name in names)
+    assert open(screenshot, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(screenshot) > 20_000
+
+
+def test_a_wrong_sweep_fails_before_any_trial_starts(tmp_path, capsys, monkeypatch):
+    root = str(tmp_path / "root")
+    assert main(["sweep", SWEEP, "--root", root, "overrides.train.lrr=0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key train.lrr" in err and "did you mean train.lr" in err
+    assert main(["sweep", SWEEP, "--root", root, "search.train.lr={bogus: [1]}"]) == 2
+    assert "search.train.lr must be a constant or one of" in capsys.readouterr().err
+    monkeypatch.setenv("T5ADAPT_NUM_CPUS", "2")
+    assert main(["sweep", SWEEP, "--root", root, "max_concurrent_trials=3"]) == 2
+    assert "max_concurrent_trials=3 x (train.num_workers=1 x train.cpus_per_worker=1) = 3 CPUs, but this machine " \
+           "has 2" in capsys.readouterr().err
+    assert not os.path.isdir(os.path.join(root, "stages")) or not os.listdir(os.path.join(root, "stages"))
+
+
+def test_trial_names_are_deterministic_and_follow_the_config():
+    from orchestrator.config import load_config, to_yaml
+    from orchestrator.sweep_config import load_sweep, pairings, sweep_key, trial_name
+
+    def names(*overrides):
+        sweep = load_sweep(SWEEP, overrides)
+        key = sweep_key(sweep, to_yaml(load_config(sweep.run)))
+        return [trial_name(sweep, key, p, {"train.lr": lr}) for p in pairings(sweep) for lr in (0.002, 0.0005)]
+
+    first = names()
+    assert first == names() and len(set(first)) == 8
+    assert all(n.startswith("sweep-tiny-e") for n in first)
+    assert set(names("overrides.train.max_steps=6")).isdisjoint(first)  # another config: other runs
+    assert names("max_concurrent_trials=2") == first  # how it runs is not what it computes
