@@ -52,6 +52,7 @@ def run_sweep(sweep: SweepConfig, root: str, say: Callable[[str], None] = print)
     sweep_id = f"{sweep.name}-{key}"
     pairing_list = pairings(sweep)
     jobs = [trial_job(sweep, key, p, params)[1] for p in pairing_list for params in corner_params(sweep)]
+    _check_pairings(jobs)
     from orchestrator.controller import preflight
 
     for job in jobs[:1]:
@@ -82,6 +83,25 @@ def run_sweep(sweep: SweepConfig, root: str, say: Callable[[str], None] = print)
         if parent:
             _close_sweep_run(base, root, parent, status, folder, rows)
     return {"id": sweep_id, "dir": folder, "trials": trials, "rows": rows, "mlflow_run_id": parent}
+
+
+def _check_pairings(jobs: list) -> None:
+    """Every pairing must be one adapt can build (one family; T5Gemma 2 from one source; layer
+    selections the sources have): checked before the first trial, not when its adapt stage runs."""
+    from jobs.adapt.stage import check_pairing
+
+    checked = set()
+    for job in jobs:
+        adapt = (job.adapt.source, job.adapt.decoder_source, job.adapt.encoder_layers, job.adapt.decoder_layers)
+        if adapt in checked:
+            continue
+        checked.add(adapt)
+        try:
+            check_pairing(job.adapt)
+        except UserError as e:
+            from orchestrator.controller import pairing
+
+            raise UserError(f"sweep pairing {pairing(job)}: {e}") from None
 
 
 def _grid_size(sweep: SweepConfig) -> int:

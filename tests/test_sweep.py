@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from jobs.train import checkpoints
 from orchestrator.cli import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,8 +78,8 @@ def _checkpointed_trial(root):
         if trial["state"] != "running":
             continue
         train = (_ledger(root, name).get("stages") or {}).get("train") or {}
-        marker = os.path.join(train.get("output", "/nonexistent"), "checkpoints", "step-000002", "COMMITTED")
-        if train.get("state") == "running" and os.path.isfile(marker):
+        steps = checkpoints.committed_steps(train["output"]) if train.get("state") == "running" else []
+        if steps and max(steps) < 12:
             return name
     return None
 
@@ -91,17 +92,19 @@ def swept(tmp_path_factory):
     command = [sys.executable, "-m", "orchestrator.cli", "sweep", SWEEP, "--root", root]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)
+    killed = []
     try:
-        _wait_for(lambda: _checkpointed_trial(root), 1200, "a trial with a training checkpoint", process)
-        killed = _checkpointed_trial(root)
-        done = sorted(n for n, t in _trials(root).items() if t["state"] == "done")
-        before = {n: _files(os.path.join(root, "stages")) for n in done[:1]}
-        _, _, runs_before = _mlflow(root)
-        os.killpg(process.pid, signal.SIGKILL)
+        _wait_for(lambda: killed.append(_checkpointed_trial(root)) or killed[-1], 1200,
+                  "a trial with a training checkpoint", process)
+        os.killpg(process.pid, signal.SIGKILL)  # at once: the trial trains on while we look
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=60)
+    killed = killed[-1]
+    done = sorted(n for n, t in _trials(root).items() if t["state"] == "done")
+    before = {n: _files(os.path.join(root, "stages")) for n in done[:1]}
+    _, _, runs_before = _mlflow(root)
     rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=2400)
     assert rerun.returncode == 0, rerun.stdout[-4000:] + rerun.stderr[-4000:]
     return {"root": root, "killed": killed, "done_before_kill": done, "runs_before": runs_before,
@@ -149,7 +152,11 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(swept):
     # The killed trial resumed its training from the checkpoint, in the same MLflow run.
     train = _ledger(root, killed)["stages"]["train"]
     run = client.get_run(train["mlflow_run_id"])
-    assert run.data.tags.get("t5adapt.resumed_from_step") == "2" and run.info.status == "FINISHED"
+    resumed = int(run.data.tags.get("t5adapt.resumed_from_step", 0))
+    assert 2 <= resumed < 12 and run.info.status == "FINISHED"
+    # Each step's loss was logged once before the kill or once after the resume, never from step 1 again.
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert sorted(set(steps)) == list(range(1, 13)) and steps.count(1) == 1
     assert "resuming from" in swept["output"]
 
 
@@ -197,8 +204,9 @@ def test_ls_sweep_lists_trials_and_show_works_for_a_trial(swept, capsys):
 
 
 def test_asha_stops_a_trial_that_cannot_learn_and_the_next_trial_starts(swept, tmp_path, capsys):
-    """lr=0 cannot learn: at the first rung (step 2) its held-out loss lags the lr=0.002 trial's and
-    ASHA stops it; the lr=0.001 trial after it must still get the cluster and finish."""
+    """lr=0 cannot learn: at the first rung (step 2) its held-out loss lags the lr=0.003 trial's and
+    ASHA stops it; the trial after it must still get the cluster and train. (Learning rates the
+    first sweep did not use, so every trial trains and reports at every rung.)"""
     import ray
     import yaml
 
@@ -206,7 +214,7 @@ def test_asha_stops_a_trial_that_cannot_learn_and_the_next_trial_starts(swept, t
     values = yaml.safe_load(open(SWEEP))
     values.update(name="sweep-asha", run=os.path.join(REPO, "configs", "tiny.yaml"), depths={},
                   pairings=[{"name": "full", "encoder_layers": "all", "decoder_layers": "all"}],
-                  search={"train.lr": {"grid": [0.002, 0.0, 0.001]}},
+                  search={"train.lr": {"grid": [0.003, 0.0, 0.004]}},
                   scheduler={"type": "asha", "grace_period": 2, "reduction_factor": 2}, max_concurrent_trials=1)
     config = tmp_path / "sweep_asha.yaml"
     config.write_text(yaml.safe_dump(values))
@@ -218,8 +226,8 @@ def test_asha_stops_a_trial_that_cannot_learn_and_the_next_trial_starts(swept, t
         ray.shutdown()
     trials = {t["params"]["train.lr"]: t for t in _trials(root, "sweep-asha").values()}
     assert trials[0.0]["state"] == "stopped" and trials[0.0]["metrics"]["step"] == 2
-    assert trials[0.002]["state"] == "done" and trials[0.001]["state"] == "done"
-    assert trials[0.001]["metrics"]["step"] == 4
+    assert trials[0.003]["state"] == "done" and trials[0.003]["metrics"]["step"] == 12
+    assert trials[0.004]["state"] in ("done", "stopped") and trials[0.004]["metrics"]["step"] >= 2
     stopped = _ledger(root, trials[0.0]["name"])
     assert stopped["stages"]["train"]["state"] == "interrupted" and "stopped early" in stopped["stages"]["train"]["error"]
     client, _, runs = _mlflow(root)
@@ -256,11 +264,42 @@ def test_a_wrong_sweep_fails_before_any_trial_starts(tmp_path, capsys, monkeypat
     assert "unknown config key train.lrr" in err and "did you mean train.lr" in err
     assert main(["sweep", SWEEP, "--root", root, "search.train.lr={bogus: [1]}"]) == 2
     assert "search.train.lr must be a constant or one of" in capsys.readouterr().err
+    # A pairing adapt cannot build: layers the source does not have; sources of two families.
+    assert main(["sweep", SWEEP, "--root", root, "depths.encoder_layers=[all,first:9]"]) == 2
+    assert "adapt.encoder_layers='first:9' asks for 9 layers but the source has 6" in capsys.readouterr().err
+    assert main(["sweep", SWEEP, "--root", root, "depths.encoder_layers=[]", "depths.decoder_layers=[]",
+                 "pairings=[{source: 'builtin:tiny-gemma3', decoder_source: 'builtin:tiny-gemma2'}]"]) == 2
+    assert "a pair must come from one family" in capsys.readouterr().err
     monkeypatch.setenv("T5ADAPT_NUM_CPUS", "2")
     assert main(["sweep", SWEEP, "--root", root, "max_concurrent_trials=3"]) == 2
     assert "max_concurrent_trials=3 x (train.num_workers=1 x train.cpus_per_worker=1) = 3 CPUs, but this machine " \
            "has 2" in capsys.readouterr().err
     assert not os.path.isdir(os.path.join(root, "stages")) or not os.listdir(os.path.join(root, "stages"))
+
+
+def test_explicit_pairings_set_the_sources_and_layers_of_each_trial():
+    """Gemma 2 pairs as the T5Gemma paper made them: balanced, and unbalanced (a wider encoder source
+    with a narrower decoder source); unset fields keep the run config's."""
+    from orchestrator.config import load_config, to_yaml
+    from orchestrator.sweep_config import load_sweep, pairings, sweep_key, trial_job
+
+    sweep = load_sweep(SWEEP, ["depths.encoder_layers=[]", "depths.decoder_layers=[]", "pairings=["
+                               "{name: balanced, source: 'builtin:tiny-gemma2'},"
+                               "{name: wide-narrow, source: 'builtin:tiny-gemma2', decoder_source: 'builtin:tiny-gemma2-narrow'},"
+                               "{decoder_layers: 'first:2'}]"])
+    found = pairings(sweep)
+    assert [p["label"] for p in found] == ["balanced", "wide-narrow", "dfirst2"]
+    key = sweep_key(sweep, to_yaml(load_config(sweep.run)))
+    jobs = [trial_job(sweep, key, p, {"train.lr": 0.001})[1] for p in found]
+    assert [(j.adapt.source, j.adapt.decoder_source, j.adapt.decoder_layers) for j in jobs] == [
+        ("builtin:tiny-gemma2", None, "all"), ("builtin:tiny-gemma2", "builtin:tiny-gemma2-narrow", "all"),
+        ("builtin:tiny-gemma3", None, "first:2")]
+    assert all(j.train.lr == 0.001 and j.train.max_steps == 12 for j in jobs)
+    assert jobs[0].train.heldout_examples == jobs[0].evaluate.max_examples == 8  # ASHA's curve
+    from jobs.adapt.stage import check_pairing
+
+    for job in jobs:
+        check_pairing(job.adapt)  # each one adapt can build
 
 
 def test_trial_names_are_deterministic_and_follow_the_config():

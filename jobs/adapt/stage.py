@@ -44,6 +44,12 @@ def open_sources(cfg: AdaptConfig) -> Dict[str, Source]:
     return {"encoder": encoder, "decoder": decoder}
 
 
+def check_pairing(cfg: AdaptConfig) -> None:
+    """What adapting `cfg` would refuse, found without reading weights: the sources open and form a
+    pair of one family, and the layer selections fit them (UserError naming the key)."""
+    design(cfg, open_sources(cfg))
+
+
 def design(cfg: AdaptConfig, sources: Dict[str, Source]) -> Design:
     return DESIGNS[sources["encoder"].family](cfg, sources["encoder"], sources["decoder"])
 
