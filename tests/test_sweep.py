@@ -193,8 +193,10 @@ def test_ls_sweep_lists_trials_and_show_works_for_a_trial(swept, capsys):
     root = swept["root"]
     assert main(["ls", "--sweep", "sweep-tiny", "--root", root]) == 0
     out = capsys.readouterr().out
-    lines = [line for line in out.splitlines() if line.startswith("sweep-tiny-")]
+    trials, frontier = out.split("\nfrontier:\n")
+    lines = [line for line in trials.splitlines() if line.startswith("sweep-tiny-")]
     assert len(lines) == 8 and all(" done " in line for line in lines)
+    assert frontier.strip() == open(os.path.join(_sweep_dir(root), "frontier.txt")).read().strip()
     trial = sorted(_trials(root))[0]
     assert main(["show", trial, "--root", root]) == 0
     out = capsys.readouterr().out
