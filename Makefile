@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(PY) bench/prepare_throughput.py
 	$(PY) bench/train_overhead.py
 	$(PY) bench/adaptation_claim.py
+	$(PY) bench/asha_compute.py
 
 clean-venv:
 	rm -rf $(VENV)

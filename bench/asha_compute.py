@@ -10,7 +10,7 @@ Trial-steps = the training steps each trial ran, summed. Best trial = the lowest
 loss among trials that ran to the end. Wall-clock is printed beside it (noisy on a shared machine:
 compare the two columns of one run, not runs).
 
-Run: .venv/bin/python bench/asha_compute.py [--steps 12]
+Run: .venv/bin/python bench/asha_compute.py [--steps 12] [--keep]
 """
 
 import argparse
@@ -28,20 +28,23 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(REPO, "bench", "out", "asha")
 
 
-def run_arm(name: str, scheduler: dict, steps: int) -> dict:
+def run_arm(name: str, scheduler: dict, steps: int, keep: bool) -> dict:
     values = yaml.safe_load(open(os.path.join(REPO, "configs", "sweep_tiny.yaml")))
     values["overrides"].update({"train.max_steps": steps, "train.checkpoint_every_steps": 2})
     values.update(name=f"asha-bench-{name}", run=os.path.join(REPO, "configs", "tiny.yaml"), scheduler=scheduler,
                   max_concurrent_trials=1)
     root = os.path.join(OUT, name)
-    shutil.rmtree(root, ignore_errors=True)
-    os.makedirs(root)
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        yaml.safe_dump(values, f)
-    started = time.time()
-    subprocess.run([sys.executable, "-m", "orchestrator.cli", "sweep", f.name, "--root", root], cwd=REPO, check=True,
-                   stdout=subprocess.DEVNULL)
-    seconds = time.time() - started
+    timing = os.path.join(root, "wall_seconds.json")
+    if not (keep and os.path.isfile(timing)):  # --keep: an arm that finished earlier is read, not rerun
+        shutil.rmtree(root, ignore_errors=True)
+        os.makedirs(root)
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+            yaml.safe_dump(values, f)
+        started = time.time()
+        subprocess.run([sys.executable, "-m", "orchestrator.cli", "sweep", f.name, "--root", root], cwd=REPO,
+                       check=True, stdout=subprocess.DEVNULL)
+        json.dump({"seconds": time.time() - started}, open(timing, "w"))
+    seconds = json.load(open(timing))["seconds"]
     folder = next(os.path.join(root, "sweeps", d) for d in os.listdir(os.path.join(root, "sweeps")))
     trials = json.load(open(os.path.join(folder, "trials.json")))
     # Trial names carry the sweep's key, which differs between the arms: compare by what a trial is.
@@ -57,9 +60,10 @@ def run_arm(name: str, scheduler: dict, steps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--keep", action="store_true", help="read an arm that finished in an earlier run instead of rerunning it")
     args = parser.parse_args()
-    grid = run_arm("grid", {"type": "none"}, args.steps)
-    asha = run_arm("asha", {"type": "asha", "grace_period": 2, "reduction_factor": 2}, args.steps)
+    grid = run_arm("grid", {"type": "none"}, args.steps, args.keep)
+    asha = run_arm("asha", {"type": "asha", "grace_period": 2, "reduction_factor": 2}, args.steps, args.keep)
     print(f"tiny sweep, 8 trials x {args.steps} steps, one trial at a time (CPU, 2 cores)")
     print(f"{'':14}{'grid':>12}{'asha':>12}{'asha/grid':>12}")
     print(f"{'trial-steps':14}{grid['trial_steps']:>12}{asha['trial_steps']:>12}{asha['trial_steps'] / grid['trial_steps']:>12.2f}")

@@ -205,26 +205,29 @@ def _fit(sweep: SweepConfig, sweep_id: str, root: str, folder: str, context: dic
 
     # Results without the metric (none here, but a trial that fails early) must not abort the sweep.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
-    ensure_ray()
+    ensure_ray(dashboard=True)  # without it, a trial ASHA stops keeps its placement group: the next one hangs
     # The trainable only drives: its training workers take their CPUs through Ray Train. (Tune
     # refuses an empty request, so it takes a sliver.)
     trainable = tune.with_resources(tune.with_parameters(_trial, context=context), {"CPU": DRIVER_CPU})
     where = storage.join(sweep.storage, sweep_id) if sweep.storage else folder
-    filesystem, tune_root = storage.arrow_filesystem(where)
-    experiment = storage.join(where, "tune")
+    filesystem, tune_root = storage.arrow_filesystem(where)  # on s3: a path inside the bucket's filesystem
+    experiment = f"{tune_root}/tune"
     if Tuner.can_restore(experiment, storage_filesystem=filesystem):
-        print(f"sweep {sweep_id}: resuming from {experiment} (finished trials are kept)", flush=True)
+        print(f"sweep {sweep_id}: resuming from {storage.join(where, 'tune')} (finished trials are kept)", flush=True)
         tuner = Tuner.restore(experiment, trainable=trainable, param_space=space, resume_unfinished=True,
                               resume_errored=True, storage_filesystem=filesystem)
     else:
         name = functools.partial(_trial_name, sweep=sweep, key=context["key"], pairings=context["pairings"])
-        scheduler = (ASHAScheduler(time_attr="step", max_t=max_steps, grace_period=sweep.scheduler.grace_period,
+        # max_t beyond the last step: ASHA stops any trial that reaches max_t, which would kill a
+        # trial after its last training report, before its evaluation.
+        scheduler = (ASHAScheduler(time_attr="step", max_t=max_steps + 1, grace_period=sweep.scheduler.grace_period,
                                    reduction_factor=sweep.scheduler.reduction_factor)
                      if sweep.scheduler.type == "asha" else FIFOScheduler())
         tuner = Tuner(
             trainable, param_space=space,
+            # The generator itself caps concurrency: TuneConfig.max_concurrent_trials is ignored
+            # next to a generator instance (Tune says so), and that one is needed for the seed.
             tune_config=TuneConfig(metric="heldout_loss", mode="min", scheduler=scheduler, num_samples=sweep.num_samples,
-                                   max_concurrent_trials=sweep.max_concurrent_trials,
                                    search_alg=BasicVariantGenerator(random_state=sweep.seed,
                                                                     max_concurrent=sweep.max_concurrent_trials),
                                    trial_name_creator=name, trial_dirname_creator=name),

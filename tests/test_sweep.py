@@ -205,19 +205,24 @@ def test_ls_sweep_lists_trials_and_show_works_for_a_trial(swept, capsys):
     assert "no sweep 'no-such-sweep'" in capsys.readouterr().err
 
 
-def test_asha_stops_a_trial_that_cannot_learn_and_the_next_trial_starts(swept, tmp_path, capsys):
+def test_asha_stops_a_trial_that_cannot_learn_and_the_next_trial_starts(s3_endpoint, tmp_path, capsys):
     """lr=0 cannot learn: at the first rung (step 2) its held-out loss lags the lr=0.003 trial's and
-    ASHA stops it; the trial after it must still get the cluster and train. (Learning rates the
-    first sweep did not use, so every trial trains and reports at every rung.)"""
+    ASHA stops it; the trial after it must still get the cluster and train. The lr=0.003 trial runs
+    its 12 steps and its evaluation (ASHA must not stop a trial at its last step). Tune keeps its
+    experiment state on S3 (moto on loopback)."""
+    import boto3
     import ray
     import yaml
 
-    root = swept["root"]
+    boto3.client("s3").create_bucket(Bucket="sweep-state")
+    root = str(tmp_path / "root")
+
     values = yaml.safe_load(open(SWEEP))
     values.update(name="sweep-asha", run=os.path.join(REPO, "configs", "tiny.yaml"), depths={},
                   pairings=[{"name": "full", "encoder_layers": "all", "decoder_layers": "all"}],
                   search={"train.lr": {"grid": [0.003, 0.0, 0.004]}},
-                  scheduler={"type": "asha", "grace_period": 2, "reduction_factor": 2}, max_concurrent_trials=1)
+                  scheduler={"type": "asha", "grace_period": 2, "reduction_factor": 2}, max_concurrent_trials=1,
+                  storage="s3://sweep-state/sweeps")
     config = tmp_path / "sweep_asha.yaml"
     config.write_text(yaml.safe_dump(values))
     try:
@@ -238,6 +243,20 @@ def test_asha_stops_a_trial_that_cannot_learn_and_the_next_trial_starts(swept, t
     # The stopped trial is on the table, not on the frontier's plot (it has no evaluation).
     out = capsys.readouterr().out
     assert trials[0.0]["name"] in out
+    folder = _sweep_dir(root, "sweep-asha")
+    from PIL import Image
+
+    assert trials[0.0]["name"] not in json.loads(Image.open(os.path.join(folder, "frontier.png")).info["t5adapt.points"])
+    # Tune's experiment state went to S3: a later run of the same sweep restores it from there.
+    keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="sweep-state")["Contents"]]
+    prefix = f"sweeps/{os.path.basename(folder)}/tune/"
+    assert any(k.startswith(prefix + "experiment_state") for k in keys), keys[:10]
+    from ray.tune import Tuner
+
+    from jobs.core import storage
+
+    filesystem, path = storage.arrow_filesystem(f"s3://sweep-state/{prefix}")
+    assert Tuner.can_restore(path, storage_filesystem=filesystem)
 
 
 def test_mlflow_ui_lists_the_sweep_and_its_trials_in_a_browser(swept):

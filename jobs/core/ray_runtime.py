@@ -17,12 +17,14 @@ def reserve_local_cpus(num_cpus: int) -> None:
     _LOCAL_MIN_CPUS[0] = max(_LOCAL_MIN_CPUS[0], num_cpus)
 
 
-def ensure_ray(address: str = None, min_cpus: int = 1) -> None:
+def ensure_ray(address: str = None, min_cpus: int = 1, dashboard: bool = False) -> None:
     """Connect once per process: `address`, else $RAY_ADDRESS, else start a local cluster.
 
     A local cluster takes machine_cpus() CPUs, but at least `min_cpus` (and what was reserved)
     logical CPUs: the data readers' slot may oversubscribe a small machine by one (Ray's CPUs are
     scheduling slots, not pinned cores); the controller refuses anything beyond that up front.
+    dashboard: start the dashboard (on 127.0.0.1), whose state API Ray Train's placement-group
+    cleaner needs to free the workers of a run whose driver was killed (a sweep's stopped trial).
     """
     import ray
 
@@ -33,4 +35,4 @@ def ensure_ray(address: str = None, min_cpus: int = 1) -> None:
         ray.init(address=address)
         return
     num_cpus = max(min_cpus, _LOCAL_MIN_CPUS[0], machine_cpus())
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=False)
