@@ -12,6 +12,7 @@ import time
 import pytest
 
 from orchestrator.cli import main
+from tests.helpers import files as _files, mlflow_runs as _mlflow_runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny.yaml")
@@ -36,24 +37,6 @@ def _ledger(root, name="tiny"):
     from orchestrator import ledger
 
     return ledger.read(os.path.join(root, name))
-
-
-def _files(folder):
-    """{relative path: (size, mtime_ns)} of every file under `folder`."""
-    found = {}
-    for directory, _, names in os.walk(folder):
-        for name in names:
-            stat = os.stat(os.path.join(directory, name))
-            found[os.path.relpath(os.path.join(directory, name), folder)] = (stat.st_size, stat.st_mtime_ns)
-    return found
-
-
-def _mlflow_runs(root):
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{os.path.abspath(root)}/mlflow.db")
-    experiment = client.get_experiment_by_name("t5adapt")
-    return client, experiment, client.search_runs([experiment.experiment_id], max_results=1000)
 
 
 def _states(root):

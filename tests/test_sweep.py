@@ -15,6 +15,7 @@ import pytest
 
 from jobs.train import checkpoints
 from orchestrator.cli import main
+from tests.helpers import files as _files, mlflow_runs as _mlflow
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP = os.path.join(REPO, "configs", "sweep_tiny.yaml")
@@ -29,33 +30,13 @@ def _sweep_dir(root, name="sweep-tiny"):
 def _trials(root, name="sweep-tiny"):
     folder = _sweep_dir(root, name)
     path = os.path.join(folder, "trials.json") if folder else ""
-    try:
-        return json.load(open(path)) if os.path.isfile(path) else {}
-    except ValueError:  # caught between two writes: never, they are atomic; but be safe when polling
-        return {}
+    return json.load(open(path)) if os.path.isfile(path) else {}  # written whole (os.replace)
 
 
 def _ledger(root, run):
     from orchestrator import ledger
 
     return ledger.read(os.path.join(root, run))
-
-
-def _files(folder):
-    found = {}
-    for directory, _, names in os.walk(folder):
-        for name in names:
-            stat = os.stat(os.path.join(directory, name))
-            found[os.path.relpath(os.path.join(directory, name), folder)] = (stat.st_size, stat.st_mtime_ns)
-    return found
-
-
-def _mlflow(root):
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{os.path.abspath(root)}/mlflow.db")
-    experiment = client.get_experiment_by_name("t5adapt")
-    return client, experiment, client.search_runs([experiment.experiment_id], max_results=1000)
 
 
 def _wait_for(predicate, timeout_s, what, process=None):
