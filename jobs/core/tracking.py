@@ -5,6 +5,8 @@ in `<root>/mlartifacts`; `mlflow ui --backend-store-uri sqlite:///<root>/mlflow.
 tracking URI (an MLflow server on a cluster) via `tracking.uri` or $MLFLOW_TRACKING_URI.
 """
 
+import contextlib
+import fcntl
 import os
 import time
 from dataclasses import dataclass
@@ -45,6 +47,23 @@ def client(cfg: TrackingConfig, root: str):
     return MlflowClient(tracking_uri=tracking_uri(cfg, root))
 
 
+@contextlib.contextmanager
+def _creating(uri: str):
+    """One process at a time creates a local SQLite store: two controllers starting together on a new
+    root would both run MLflow's schema migrations, and the second fails on a table that exists."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    path = uri[len("sqlite:///"):]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".create-lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def check_store(cfg: TrackingConfig, root: str) -> None:
     """Fail before any work when the tracking store cannot be used (a typo'd URI, a server that is
     down), naming the URI and the fix: finding out after hours of training helps nobody."""
@@ -57,7 +76,8 @@ def check_store(cfg: TrackingConfig, root: str) -> None:
         raise UserError(f"tracking.uri={uri} has an unknown scheme {scheme!r}: use sqlite:///PATH/mlflow.db, "
                         "http(s)://SERVER, or tracking.enabled=false")
     try:
-        experiment_id(cfg, root)
+        with _creating(uri):
+            experiment_id(cfg, root)
     except Exception as e:  # any store failure: say which store and what it answered
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot use the MLflow store {uri}: {reason[:300]} (check tracking.uri / "
