@@ -55,8 +55,7 @@ def run_sweep(sweep: SweepConfig, root: str, say: Callable[[str], None] = print)
     _check_pairings(jobs)
     from orchestrator.controller import preflight
 
-    for job in jobs[:1]:
-        preflight(job, root, ("prepare",))  # root, store and tracking store; resources are checked below
+    preflight(jobs[0], root, ("prepare",))  # root, store and tracking store; resources are checked below
     per_trial = _check_resources(sweep, jobs)
     max_steps = max(job.train.max_steps for job in jobs)
     folder = sweep_dir(root, sweep_id)
