@@ -14,6 +14,8 @@ _EPILOG = """examples:
   t5adapt ls                                             # runs under the root, their stages and loss
   t5adapt show quickstart                                # one run: stage keys, states, timings, paths
   t5adapt ui                                             # the MLflow UI on the run store (127.0.0.1)
+  t5adapt submit configs/tiny.yaml --address http://127.0.0.1:8265   # the same run as a Ray job
+  t5adapt jobs                                           # t5adapt jobs on the cluster ($RAY_ADDRESS)
   t5adapt adapt configs/tiny.yaml adapt.encoder_layers=every:2 --out /tmp/tiny-adapted
   t5adapt config show configs/quickstart.yaml adapt.dtype=bfloat16
 
@@ -144,6 +146,44 @@ def _parser() -> argparse.ArgumentParser:
                                          "and print its URL. Ctrl-C stops it.")
     ui.add_argument("--root", help=_ROOT_HELP)
     ui.add_argument("--port", type=int, default=5000, help="port (default 5000)")
+
+    address_help = "the cluster's Ray dashboard, e.g. http://127.0.0.1:8265 (default: $RAY_ADDRESS)"
+    submit = commands.add_parser(
+        "submit", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="send a run (or with --sweep, a sweep) to a Ray cluster as a Ray job",
+        description="Validate CONFIG here, then run `t5adapt run` (or `sweep`) on a Ray cluster through the Ray\n"
+        "Jobs API. The job ships the project's code (orchestrator/, jobs/) and the resolved config, nothing\n"
+        "else of this directory; the cluster must have the dependencies installed (cluster/). Forwarded\n"
+        "environment: MLFLOW_TRACKING_URI, AWS_ENDPOINT_URL(_S3), AWS_REGION, AWS_DEFAULT_REGION; never\n"
+        "credentials (the nodes use their own AWS chain).\n"
+        "The cluster: --address, else $RAY_ADDRESS, else the config's submit.address. Token authentication:\n"
+        "the token is read from $RAY_AUTH_TOKEN, the file $RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token.",
+        epilog="examples:\n  cluster/local/up.sh        # a local head with token auth + an MLflow server; prints the exports\n"
+        "  t5adapt submit configs/tiny.yaml train.max_steps=4\n"
+        "  t5adapt submit --sweep configs/sweep_tiny.yaml --root /shared/t5adapt-runs\n"
+        "  t5adapt logs JOB --follow; t5adapt status JOB; t5adapt stop JOB; t5adapt jobs\n"
+        "The run root on the cluster: --root, else submit.root, else $T5ADAPT_ROOT on the head, else\n"
+        "~/t5adapt-runs there. On several nodes put the stage store on s3:// (store=s3://BUCKET/PREFIX).")
+    submit.add_argument("config", metavar="CONFIG", help="run config (or sweep config with --sweep)")
+    submit.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    submit.add_argument("--sweep", action="store_true", help="CONFIG is a sweep config: submit `t5adapt sweep`")
+    submit.add_argument("--address", help=address_help)
+    submit.add_argument("--root", help="the run root on the cluster (default: submit.root, $T5ADAPT_ROOT there, ~/t5adapt-runs)")
+    status = commands.add_parser("status", help="a submitted job's status (default: the newest t5adapt job)",
+                                 description="The status of a submitted job, or of the newest t5adapt job.")
+    status.add_argument("job", nargs="?", metavar="JOB", help="job id, as printed by submit")
+    logs = commands.add_parser("logs", help="a submitted job's output", description="Print a job's output so far; "
+                               "with --follow, stream it until the job ends (exit 1 if it did not succeed).")
+    logs.add_argument("job", metavar="JOB")
+    logs.add_argument("--follow", "-f", action="store_true", help="stream until the job ends")
+    stop = commands.add_parser("stop", help="stop a submitted job", description="Stop a job and wait until "
+                               "Ray reports it stopped. Finished stages and checkpoints stay: submitting the "
+                               "same config again resumes.")
+    stop.add_argument("job", metavar="JOB")
+    jobs_command = commands.add_parser("jobs", help="the t5adapt jobs on the cluster",
+                                       description="A table of the t5adapt jobs on the cluster: id, kind, status, start, name.")
+    for command in (status, logs, stop, jobs_command):
+        command.add_argument("--address", help=address_help)
 
     config = commands.add_parser("config", help="inspect configs",
                                  description="Inspect job configs without running anything.")
@@ -279,6 +319,45 @@ def _ui(args) -> None:
     subprocess.run(command, check=False)
 
 
+def _submit(args) -> None:
+    from orchestrator.submit import submit
+
+    submit("sweep" if args.sweep else "run", args.config, args.overrides, args.address, args.root)
+
+
+def _cluster(args):
+    from orchestrator.submit import Cluster, resolve_address
+
+    return Cluster(resolve_address(args.address))
+
+
+def _status(args) -> None:
+    from orchestrator.submit import status_text
+
+    print(status_text(_cluster(args), args.job))
+
+
+def _logs(args) -> None:
+    cluster = _cluster(args)
+    if not args.follow:
+        print(cluster.logs(args.job), end="")
+        return
+    status = cluster.follow(args.job, lambda text: print(text, end="", flush=True))
+    print(f"\njob {args.job}: {status}")
+    if status != "SUCCEEDED":
+        raise RunFailed(f"job {args.job} ended {status} (t5adapt status {args.job})")
+
+
+def _stop(args) -> None:
+    print(f"job {args.job}: {_cluster(args).stop(args.job)}")
+
+
+def _jobs(args) -> None:
+    from orchestrator.submit import jobs_table
+
+    print(jobs_table(_cluster(args)))
+
+
 def _config_show(args) -> None:
     from orchestrator.config import load_config, to_yaml
 
@@ -297,7 +376,7 @@ def main(argv=None) -> int:
         args.overrides = list(args.overrides) + extra
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     handler = {"run": _run, "adapt": _adapt, "prepare": _prepare, "train": _train, "export": _export, "ls": _ls,
-               "sweep": _sweep,
+               "sweep": _sweep, "submit": _submit, "status": _status, "logs": _logs, "stop": _stop, "jobs": _jobs,
                "show": _show, "ui": _ui, "config": _config_show}[args.command]
     try:
         handler(args)

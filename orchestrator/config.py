@@ -23,6 +23,7 @@ from jobs.export.config import ExportConfig
 from jobs.train.config import TrainConfig
 from jobs.core.errors import UserError
 from jobs.core.tracking import TrackingConfig
+from orchestrator.submit import SubmitConfig
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -40,6 +41,8 @@ class JobConfig:
     # Where stage outputs live (a directory or an s3:// prefix), each at STORE/<stage>-<key>.
     # Default: ROOT/stages. Runs and sweep trials with equal stage keys share one output.
     store: Optional[str] = None
+    # `t5adapt submit`: the cluster's address and the run root there (not part of any stage key).
+    submit: SubmitConfig = field(default_factory=SubmitConfig)
 
     def __post_init__(self):
         if not _NAME.match(self.name):

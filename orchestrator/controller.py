@@ -93,6 +93,11 @@ def preflight(job, root: str, wanted, outputs: Optional[Dict[str, str]] = None) 
     store = keys.store_of(job, root)
     if not storage.is_s3(store):
         _check_writable_dir(store, "store")
+        if os.environ.get("RAY_ADDRESS"):  # a cluster (the embedded one has a single node)
+            from jobs.core.ray_runtime import check_shared_storage, ensure_ray
+
+            ensure_ray()
+            check_shared_storage(store, "store")
     placed = {f"--out of {name}": out for name, out in (outputs or {}).items()}
     for what, out in dict(placed, **{"export.out": job.export.out}).items():
         check_output_location(out, what)

@@ -19,7 +19,8 @@ STAGES = ("prepare", "adapt", "train", "evaluate", "export")
 # Fields that never change a stage's output bytes.
 _DATA_NOT_KEYED = ("num_tokenizer_workers", "tokenizer")  # the tokenizer enters by identity
 _TRAIN_NOT_KEYED = ("max_failures", "checkpoint_every_steps", "keep_checkpoints", "log_every_steps", "cpus_per_worker",
-                    "gpus_per_worker", "peak_tflops_per_device", "global_batch_size", "heldout_examples")
+                    "gpus_per_worker", "peak_tflops_per_device", "global_batch_size", "heldout_examples",
+                    "placement_strategy")
 
 
 @dataclass(frozen=True)

@@ -89,14 +89,14 @@ def _check_pairings(jobs: list) -> None:
     selections the sources have): checked before the first trial, not when its adapt stage runs."""
     from jobs.adapt.stage import check_pairing
 
-    checked = set()
+    checked, opened = set(), {}
     for job in jobs:
         adapt = (job.adapt.source, job.adapt.decoder_source, job.adapt.encoder_layers, job.adapt.decoder_layers)
         if adapt in checked:
             continue
         checked.add(adapt)
         try:
-            check_pairing(job.adapt)
+            check_pairing(job.adapt, opened)
         except UserError as e:
             from orchestrator.controller import pairing
 

@@ -24,11 +24,12 @@ from omegaconf import MISSING
 
 from jobs.core.commits import stage_key
 from jobs.core.errors import UserError
+from orchestrator.submit import SubmitConfig
 
 SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 SCHEDULERS = ("none", "asha")
 # Fields that change how a sweep runs, not what its trials compute: left out of its key.
-_NOT_KEYED = ("max_concurrent_trials", "storage")
+_NOT_KEYED = ("max_concurrent_trials", "storage", "submit")
 
 
 @dataclass
@@ -79,6 +80,8 @@ class SweepConfig:
     # Ray Tune's experiment state (a directory or s3:// prefix): STORAGE/NAME-KEY. Default ROOT/sweeps.
     storage: Optional[str] = None
     reference: bool = True  # put the source decoder-only model(s) on the frontier
+    # `t5adapt submit --sweep`: the cluster's address and the run root there (not in the sweep key).
+    submit: SubmitConfig = field(default_factory=SubmitConfig)
 
     def __post_init__(self):
         from orchestrator.config import _NAME

@@ -32,22 +32,33 @@ STAGE_INFO = "t5adapt_adapt.json"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def open_sources(cfg: AdaptConfig) -> Dict[str, Source]:
-    """{"encoder": Source, "decoder": Source}; one object for both when there is one source."""
-    encoder = open_source(cfg.source)
+def open_sources(cfg: AdaptConfig, opened: Optional[Dict[str, Source]] = None) -> Dict[str, Source]:
+    """{"encoder": Source, "decoder": Source}; one object for both when there is one source.
+
+    `opened` (spec -> Source) keeps sources between calls: opening a GGUF parses its whole token
+    table, so checking several pairings of one source opens it once."""
+    opened = {} if opened is None else opened
+
+    def source(spec: str) -> Source:
+        if spec not in opened:
+            opened[spec] = open_source(spec)
+        return opened[spec]
+
+    encoder = source(cfg.source)
     if cfg.decoder_source in (None, cfg.source):
         return {"encoder": encoder, "decoder": encoder}
-    decoder = open_source(cfg.decoder_source)
+    decoder = source(cfg.decoder_source)
     if decoder.family != encoder.family:
         raise UserError(f"adapt.source is {encoder.family} but adapt.decoder_source is {decoder.family}: "
                         "a pair must come from one family")
     return {"encoder": encoder, "decoder": decoder}
 
 
-def check_pairing(cfg: AdaptConfig) -> None:
+def check_pairing(cfg: AdaptConfig, opened: Optional[Dict[str, Source]] = None) -> None:
     """What adapting `cfg` would refuse, found without reading weights: the sources open and form a
-    pair of one family, and the layer selections fit them (UserError naming the key)."""
-    design(cfg, open_sources(cfg))
+    pair of one family, and the layer selections fit them (UserError naming the key). `opened` as
+    in open_sources."""
+    design(cfg, open_sources(cfg, opened))
 
 
 def design(cfg: AdaptConfig, sources: Dict[str, Source]) -> Design:

@@ -29,10 +29,31 @@ def split_s3(uri: str) -> Tuple[str, str]:
     return bucket, prefix.strip("/")
 
 
-def _client():
-    import boto3
+# Retries and multipart transfers are botocore's and boto3's own: the "standard" retry mode (backoff
+# with jitter on throttling, 5xx and connection errors) with 10 attempts, unless AWS_RETRY_MODE /
+# AWS_MAX_ATTEMPTS (or a profile) say otherwise; files above 64 MiB go up and down in 64 MiB parts.
+_RETRIES = {"mode": "standard", "total_max_attempts": 10}
+_MULTIPART_BYTES = 64 * 2**20
+_clients = {}
 
-    return boto3.client("s3")
+
+def _client():
+    """One S3 client per process (boto3 clients are thread-safe; a fork gets its own)."""
+    if os.getpid() not in _clients:
+        import boto3
+        from botocore.config import Config
+
+        user_set = any(os.environ.get(k) for k in ("AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS"))
+        config = Config(retries=None if user_set else _RETRIES, connect_timeout=10, read_timeout=60)
+        _clients.clear()
+        _clients[os.getpid()] = boto3.client("s3", config=config)
+    return _clients[os.getpid()]
+
+
+def _transfer():
+    from boto3.s3.transfer import TransferConfig
+
+    return TransferConfig(multipart_threshold=_MULTIPART_BYTES, multipart_chunksize=_MULTIPART_BYTES)
 
 
 def _list_objects(uri: str) -> List[Tuple[str, int, str]]:
@@ -90,7 +111,7 @@ def download_file(uri: str, local: str) -> None:
     """One s3:// object to a local path (written under a side name, then renamed)."""
     bucket, key = split_s3(uri)
     os.makedirs(os.path.dirname(local) or ".", exist_ok=True)
-    _client().download_file(bucket, key, local + ".part")
+    _client().download_file(bucket, key, local + ".part", Config=_transfer())
     os.replace(local + ".part", local)
 
 
@@ -132,7 +153,7 @@ def write_text(uri: str, text: str) -> None:
 
 def upload_file(local: str, uri: str) -> None:
     bucket, key = split_s3(uri)
-    _client().upload_file(local, bucket, key)
+    _client().upload_file(local, bucket, key, Config=_transfer())
 
 
 def delete_prefix(uri: str) -> None:
@@ -193,7 +214,7 @@ def _download_prefix(uri: str) -> str:
                 continue
             os.makedirs(os.path.dirname(path), exist_ok=True)
             # Download to a side name and rename, so an interrupted copy is never taken as whole.
-            client.download_file(bucket, key, path + ".part", Callback=bar.update)
+            client.download_file(bucket, key, path + ".part", Callback=bar.update, Config=_transfer())
             os.replace(path + ".part", path)
             etags[rel] = etag
             with open(etags_path, "w") as f:
@@ -210,7 +231,7 @@ def upload_dir(local: str, uri: str, skip: Tuple[str, ...] = ()) -> None:
     files = [f for f in files if os.path.relpath(f, local).replace(os.sep, "/") not in skip]
     for path in progress(files, desc=f"upload {uri}", unit="file"):
         key = "/".join(filter(None, [prefix, os.path.relpath(path, local).replace(os.sep, "/")]))
-        client.upload_file(path, bucket, key)
+        client.upload_file(path, bucket, key, Config=_transfer())
 
 
 def put_file(local: str, uri: str) -> None:

@@ -21,6 +21,8 @@ class TrainConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0  # only with use_gpu
+    # How Ray places the workers: PACK (fewest nodes), SPREAD, STRICT_PACK, STRICT_SPREAD (one per node).
+    placement_strategy: str = "PACK"
     # Batch: micro_batch_size examples per worker per forward, grad_accum_steps forwards per step.
     micro_batch_size: int = 2
     grad_accum_steps: int = 1
@@ -103,6 +105,9 @@ class TrainConfig:
                              "a baseline), train.max_failures >= -1 (-1 retries forever)")
         if self.cross_attn_warmup_steps is not None and self.cross_attn_warmup_steps < 0:
             raise ValueError(f"train.cross_attn_warmup_steps={self.cross_attn_warmup_steps} must be >= 0")
+        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise ValueError(f"train.placement_strategy={self.placement_strategy!r} must be PACK, SPREAD, "
+                             "STRICT_PACK or STRICT_SPREAD")
         if self.cpus_per_worker <= 0 or (self.use_gpu and self.gpus_per_worker <= 0):
             raise ValueError("train.cpus_per_worker (and train.gpus_per_worker with use_gpu) must be > 0")
         from jobs.train.deepspeed_config import build_deepspeed_config

@@ -196,7 +196,8 @@ def _fit(cfg: TrainConfig, data_dir: str, storage_root: str, spec: RunSpec, meta
     filesystem, ray_storage = storage.arrow_filesystem(storage.join(storage_root, "ray"))
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config={"spec": spec},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources,
+                                     placement_strategy=cfg.placement_strategy),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         # Named by the stage key, never a timestamp: a re-run finds the same Ray Train run.
         run_config=RunConfig(name=f"train-{key}", storage_path=ray_storage, storage_filesystem=filesystem,
