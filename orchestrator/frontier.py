@@ -114,8 +114,17 @@ def write_csv(rows: Sequence[dict], path: str) -> None:
             writer.writerow({column: _csv_value(flat.get(column)) for column in header})
 
 
-def _label(name: str, limit: int = 28) -> str:
-    return name if len(name) <= limit else name[:limit - 3] + "..."
+def _label(row: dict, limit: int = 40) -> str:
+    """What tells the points apart: a trial's pairing and hyper-parameters (its full name carries the
+    sweep's name and a digest, which every point shares or nobody reads); a source's name."""
+    if row.get("kind") == "trial" and row.get("pairing"):
+        params = " ".join(f"{key.rsplit('.', 1)[-1]}={value:g}" if isinstance(value, (int, float)) and
+                          not isinstance(value, bool) else f"{key.rsplit('.', 1)[-1]}={value}"
+                          for key, value in (row.get("params") or {}).items())
+        text = f"{row['pairing']} {params}".strip()
+    else:
+        text = row["name"]
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _panel(ax, rows: Sequence[dict], cost: str, flag: str, scale: float, colours: dict) -> List[str]:
@@ -128,7 +137,7 @@ def _panel(ax, rows: Sequence[dict], cost: str, flag: str, scale: float, colours
         source = row.get("kind") == "source"
         ax.scatter([x], [y], marker="*" if source else "o", s=140 if source else 50, edgecolors=colour,
                    facecolors=colour if row.get(flag) else "none", zorder=3)
-        labels.setdefault((x, y), []).append(_label(row["name"]))
+        labels.setdefault((x, y), []).append(_label(row))
     # Points at the same spot (repeated trials) share one label instead of printing over each other.
     for xy, names in labels.items():
         ax.annotate(", ".join(names), xy, xytext=(4, 4), textcoords="offset points", fontsize=7)
