@@ -57,8 +57,8 @@ def summary(current, tracking_uri: str = None) -> str:
         if current.job.export.out:
             lines.append(f"copied to: {current.job.export.out}")
     if tracking_uri:
-        lines += ["", f"MLflow run {current.parent_run_id} in {tracking_uri}",
-                  f"browse it: t5adapt ui --root {current.root}"]
+        browse = tracking_uri if tracking_uri.startswith(("http://", "https://")) else f"t5adapt ui --root {current.root}"
+        lines += ["", f"MLflow run {current.parent_run_id} in {tracking_uri}", f"browse it: {browse}"]
     return "\n".join(lines)
 
 

@@ -86,6 +86,7 @@ def test_submitted_run_succeeds_is_tracked_and_leaks_no_secret(local_cluster, tm
     followed = _cli(["logs", job, "--follow"], env)
     assert followed.returncode == 0, followed.stdout[-3000:]
     assert f"job {job}: SUCCEEDED" in followed.stdout
+    print(followed.stdout[-2500:])  # the run's summary: stage times, for the record
     assert "run tiny (run key" in followed.stdout and "exported model:" in followed.stdout, followed.stdout[-2000:]
     status = _cli(["status", job], env)
     assert status.stdout.startswith(f"{job}: SUCCEEDED"), status.stdout
@@ -101,7 +102,7 @@ def test_submitted_run_succeeds_is_tracked_and_leaks_no_secret(local_cluster, tm
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert [r.info.run_name for r in parents] == ["tiny"] and parents[0].info.status == "FINISHED"
     children = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
-    assert {"prepare", "adapt", "train", "evaluate", "export"} <= {c.split("-")[0] for c in children}, children
+    assert children == {f"tiny/{stage}" for stage in ("prepare", "adapt", "train", "evaluate", "export")}, children
     # The job ran the shipped package, with the run root the head's T5ADAPT_ROOT (set by up.sh).
     assert os.path.isdir(os.path.join(local_cluster["root"], "tiny"))
 

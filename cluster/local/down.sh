@@ -10,7 +10,7 @@ stop_session() {  # NAME: SIGTERM every process of the session whose leader's pi
   [ -f "$pidfile" ] || { echo "down.sh: no $1 to stop ($pidfile missing)"; return 0; }
   local sid; sid=$(cat "$pidfile")
   pkill -TERM -s "$sid" 2>/dev/null
-  for _ in $(seq 1 30); do
+  for _ in $(seq 1 15); do
     pgrep -s "$sid" >/dev/null || break
     sleep 1
   done
