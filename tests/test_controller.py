@@ -1,6 +1,7 @@
 """The controller end to end: `t5adapt run` on the tiny config with a real local Ray cluster, real
 DeepSpeed and a real MLflow store. Stages are content-addressed: what a changed config reuses and
-what it rebuilds, a killed controller resuming, two controllers sharing one build."""
+what it rebuilds, a Ctrl-C'd controller, two controllers sharing one build. (A SIGKILLed controller
+resuming: tests/test_s3_faults.py, with every stage on S3; a killed sweep: tests/test_sweep.py.)"""
 
 import json
 import os
@@ -213,34 +214,6 @@ def _first_checkpoint_committed(root) -> bool:
     ledger = _ledger(root) if os.path.exists(os.path.join(root, "tiny", "ledger.json")) else {}
     train = ledger.get("stages", {}).get("train", {}).get("output")
     return bool(train) and os.path.exists(os.path.join(train, "checkpoints", "step-000002", "COMMITTED"))
-
-
-def test_killed_controller_resumes_training_and_keeps_finished_stages(tmp_path):
-    root = str(tmp_path)
-    longer = ["train.max_steps=8"]
-    process = _run_process(root, *longer)
-
-    try:
-        _wait_for(lambda: _first_checkpoint_committed(root), 600, "the first training checkpoint")
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=60)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    ledger = _ledger(root)
-    assert ledger["stages"]["train"]["state"] == "running"  # killed mid-stage: nothing marked it otherwise
-    kept = {name: _files(ledger["stages"][name]["output"]) for name in ("prepare", "adapt")}
-    again = _run_process(root, *longer)
-    output, _ = again.communicate(timeout=900)
-    assert again.returncode == 0, output[-3000:]
-    assert {name: _files(ledger["stages"][name]["output"]) for name in ("prepare", "adapt")} == kept
-    assert _states(root) == {"prepare": "reused", "adapt": "reused", "train": "done", "evaluate": "done",
-                             "export": "done"}
-    client, _, runs = _mlflow_runs(root)
-    train_runs = [r for r in runs if r.info.run_name == "tiny/train"]
-    assert len(train_runs) == 1  # the resumed training continued its own MLflow run
-    resumed = [m.value for m in client.get_metric_history(train_runs[0].info.run_id, "resumed_from_step")]
-    assert resumed and resumed[-1] >= 2, resumed  # from a checkpoint, not from step 0
 
 
 def test_two_concurrent_runs_build_each_stage_once_and_take_over_a_dead_lock(tmp_path):

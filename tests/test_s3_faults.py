@@ -1,5 +1,6 @@
 """The S3 endpoint dies in the middle of a checkpoint upload and comes back: the run retries (botocore's
-standard retry mode) and finishes, and no checkpoint missing a file is ever marked committed.
+standard retry mode), and no checkpoint missing a file is ever marked committed. Then the controller
+is killed and resumes, everything on S3.
 
 The endpoint the run talks to is a TCP proxy in front of moto's server. At the first PUT of a
 checkpoint file it resets every open connection without forwarding that request, closes its
@@ -7,6 +8,7 @@ listening socket (connections are refused) for OUTAGE_S seconds, then listens ag
 """
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -18,7 +20,7 @@ from tests.helpers import free_ports
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny.yaml")
 OUTAGE_S = 8
-SMALL = ["train.num_workers=1", "train.zero_stage=0", "train.max_steps=4", "train.checkpoint_every_steps=2",
+SMALL = ["train.num_workers=1", "train.zero_stage=0", "train.max_steps=8", "train.checkpoint_every_steps=2",
          "evaluate.max_examples=8", "evaluate.probe_passages=2", "evaluate.cost_repeats=1", "evaluate.num_samples=1",
          "evaluate.probe_prefix_tokens=16", "evaluate.probe_target_tokens=8", "evaluate.cost_input_tokens=16",
          "evaluate.cost_output_tokens=4", "evaluate.sample_new_tokens=4"]
@@ -94,30 +96,75 @@ class DyingEndpoint:
         threading.Timer(OUTAGE_S, self._listen).start()
 
 
-def test_an_s3_outage_mid_checkpoint_is_retried_and_no_partial_checkpoint_is_committed(s3_endpoint, tmp_path):
+def _objects(prefix):
+    """{key: ETag} of every object under s3://faults/PREFIX (read from moto directly)."""
+    import boto3
+
+    pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket="faults", Prefix=prefix + "/")
+    return {o["Key"]: o["ETag"] for page in pages for o in page.get("Contents", [])}
+
+
+def test_s3_outage_mid_checkpoint_then_a_killed_controller_resumes_and_no_partial_checkpoint_is_committed(
+        s3_endpoint, tmp_path):
+    """Every stage on S3. The endpoint dies during the first checkpoint's upload and comes back: the
+    upload is retried and the checkpoint committed whole. The controller is then SIGKILLed (with its
+    Ray cluster) and the same command run again: prepare and adapt are reused untouched, training
+    resumes from a checkpoint in its own MLflow run, and every committed checkpoint is complete."""
     import boto3
 
     from jobs.train import checkpoints
     from orchestrator import ledger
+    from tests.helpers import mlflow_runs
 
     boto3.client("s3").create_bucket(Bucket="faults")
     endpoint = DyingEndpoint(s3_endpoint, trigger=b"/checkpoints/step-000002/")
     root = str(tmp_path / "root")
-    env = dict(os.environ, AWS_ENDPOINT_URL=f"http://127.0.0.1:{endpoint.port}", T5ADAPT_NUM_CPUS="2")
+    # A short lock lease: the killed controller's S3 stage lock is taken over after 10 s, not 60.
+    env = dict(os.environ, AWS_ENDPOINT_URL=f"http://127.0.0.1:{endpoint.port}", T5ADAPT_NUM_CPUS="2",
+               T5ADAPT_LOCK_LEASE_S="10")
     env.pop("RAY_ADDRESS", None)
-    run = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", TINY, "--root", root,
-                          "store=s3://faults/stages"] + SMALL, cwd=REPO, env=env, text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=900)
-    assert endpoint.fired_at is not None, "the run never uploaded a checkpoint file"
-    assert run.returncode == 0, run.stdout[-4000:]
+    command = [sys.executable, "-m", "orchestrator.cli", "run", TINY, "--root", root, "store=s3://faults/stages"] + SMALL
+    log = open(tmp_path / "first.log", "w+")
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def train_output():
+        path = os.path.join(root, "tiny", "ledger.json")
+        return (ledger.read(os.path.join(root, "tiny"))["stages"].get("train") or {}).get("output") \
+            if os.path.exists(path) else None
+
+    try:
+        deadline = time.monotonic() + 600
+        while not (endpoint.fired_at and train_output() and checkpoints.committed_steps(train_output())):
+            assert process.poll() is None and time.monotonic() < deadline, open(tmp_path / "first.log").read()[-3000:]
+            time.sleep(0.5)
+        os.killpg(process.pid, signal.SIGKILL)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=60)
     # The request that died with the endpoint was sent again once it was back.
     path = endpoint.dropped.split(" ")[1].split("?")[0]
     assert any(line.split(" ")[1].split("?")[0] == path for line in endpoint.after if line.startswith("PUT ")), \
         (endpoint.dropped, endpoint.after[:10])
+    stages = ledger.read(os.path.join(root, "tiny"))["stages"]
+    assert stages["train"]["state"] == "running"  # killed mid-stage
+    kept = {name: _objects(stages[name]["output"][len("s3://faults/"):]) for name in ("prepare", "adapt")}
+    assert all(kept.values())
 
-    train = ledger.read(os.path.join(root, "tiny"))["stages"]["train"]
-    assert train["state"] == "done" and train["step"] == 4
-    steps = checkpoints.committed_steps(train["output"])
-    assert 4 in steps, steps
+    again = subprocess.run(command, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           timeout=900)
+    assert again.returncode == 0, again.stdout[-4000:]
+    stages = ledger.read(os.path.join(root, "tiny"))["stages"]
+    assert {name: entry["state"] for name, entry in stages.items()} == {
+        "prepare": "reused", "adapt": "reused", "train": "done", "evaluate": "done", "export": "done"}
+    assert {name: _objects(stages[name]["output"][len("s3://faults/"):]) for name in ("prepare", "adapt")} == kept
+    client, _, runs = mlflow_runs(root)
+    train_runs = [r for r in runs if r.info.run_name == "tiny/train"]
+    assert len(train_runs) == 1  # the resumed training continued its own MLflow run
+    resumed = [m.value for m in client.get_metric_history(train_runs[0].info.run_id, "resumed_from_step")]
+    assert resumed and resumed[-1] >= 2, resumed  # from a checkpoint, not from step 0
+    train = stages["train"]["output"]
+    steps = checkpoints.committed_steps(train)
+    assert steps and steps[0] == 8, steps
     for step in steps:  # every committed checkpoint has every file its manifest lists, intact
-        assert checkpoints.damage(train["output"], step) is None, step
+        assert checkpoints.damage(train, step) is None, step

@@ -45,6 +45,13 @@ def local_cluster():
                AWS_ACCESS_KEY_ID=AWS_KEY_ID, AWS_SECRET_ACCESS_KEY=AWS_SECRET)
     env.pop("T5ADAPT_ROOT", None)
     env.pop("RAY_ADDRESS", None)
+    # The token in the environment as well as in its file (up.sh keeps a token file that exists): a
+    # secret the runs must never echo.
+    token = "planted-ray-token-" + os.urandom(8).hex()
+    with open(os.path.join(state, "auth_token"), "w") as f:
+        f.write(token + "\n")
+    os.chmod(os.path.join(state, "auth_token"), 0o600)
+    env["RAY_AUTH_TOKEN"] = token
     up = subprocess.run([os.path.join(REPO, "cluster", "local", "up.sh")], env=env, text=True,
                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
     try:
@@ -53,9 +60,7 @@ def local_cluster():
         assert exports == {"RAY_ADDRESS": f"http://127.0.0.1:{dashboard}",
                            "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}",
                            "RAY_AUTH_TOKEN_PATH": os.path.join(state, "auth_token")}, up.stdout
-        with open(os.path.join(state, "auth_token")) as f:
-            token = f.read().strip()
-        assert token and token not in up.stdout
+        assert token not in up.stdout
         assert oct(os.stat(os.path.join(state, "auth_token")).st_mode & 0o777) == "0o600"
         client = dict(env, **exports)
         client.pop("T5ADAPT_NUM_CPUS")
@@ -134,6 +139,7 @@ def test_submitted_run_succeeds_is_tracked_and_leaks_no_secret(local_cluster, tm
 def test_without_or_with_a_wrong_token_the_error_says_where_the_token_is_looked_for(local_cluster, tmp_path):
     env = dict(local_cluster["env"], HOME=str(tmp_path))  # no ~/.ray/auth_token there either
     env.pop("RAY_AUTH_TOKEN_PATH")
+    env.pop("RAY_AUTH_TOKEN")
     missing = _cli(["submit", TINY] + SMALL, env)
     assert missing.returncode == 2, missing.stdout
     assert "401" in missing.stdout and "RAY_AUTH_TOKEN_PATH" in missing.stdout and "Traceback" not in missing.stdout

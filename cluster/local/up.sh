@@ -20,7 +20,7 @@ RAY_PORT=${T5ADAPT_RAY_PORT:-6379}
 NUM_CPUS=${T5ADAPT_NUM_CPUS:-$(nproc)}
 TOKEN_FILE=${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}
 
-for tool in ray mlflow python curl; do
+for tool in ray mlflow python setsid; do
   command -v "$tool" >/dev/null || { echo "up.sh: '$tool' is not on PATH: activate the project's environment (make; . .venv/bin/activate)" >&2; exit 2; }
 done
 mkdir -p "$STATE"
@@ -37,12 +37,21 @@ if [ ! -s "$TOKEN_FILE" ]; then
 fi
 
 wait_http() {  # URL NAME LOG: until the URL answers (any HTTP status), or fail with the log's tail
-  for _ in $(seq 1 120); do
-    code=$(curl -s -o /dev/null -w '%{http_code}' "$1" || true)
-    [ "$code" != "000" ] && return 0
-    sleep 1
-  done
-  echo "up.sh: $2 did not come up on $1; the end of $3:" >&2; tail -20 "$3" >&2; exit 1
+  if ! python - "$1" <<'PY'
+import sys, time, urllib.error, urllib.request
+for _ in range(120):
+    try:
+        urllib.request.urlopen(sys.argv[1], timeout=5)
+        sys.exit(0)
+    except urllib.error.HTTPError:
+        sys.exit(0)  # it answers (401 without a token is an answer)
+    except OSError:
+        time.sleep(1)
+sys.exit(1)
+PY
+  then
+    echo "up.sh: $2 did not come up on $1; the end of $3:" >&2; tail -20 "$3" >&2; exit 1
+  fi
 }
 
 export MLFLOW_TRACKING_URI="http://127.0.0.1:$MLFLOW_PORT"
