@@ -302,7 +302,9 @@ def _write_json(path: str, value) -> None:
 # -- after the trials: stopped trials closed, the frontier ----------------------------------------------
 
 def _close_stopped_trials(trials: Dict[str, dict], base, root: str) -> None:
-    """A trial that ASHA stopped was killed mid-training: its ledger and MLflow runs say so."""
+    """A trial that ASHA stopped was killed mid-training: its ledger and MLflow runs say so. Its
+    controller may have seen its training actors die first and recorded a failure: Tune stopped it,
+    so that is overwritten too (a trial that really failed is Tune's ERROR, never "stopped")."""
     from orchestrator import ledger as ledgers
 
     for name, trial in trials.items():
@@ -316,13 +318,13 @@ def _close_stopped_trials(trials: Dict[str, dict], base, root: str) -> None:
         run_ids = [data.get("mlflow_run_id")]
         book = ledgers.Ledger(run_dir)
         for stage, entry in data.get("stages", {}).items():
-            if entry.get("state") == "running":
+            if entry.get("state") in ("running", "failed"):
                 book.mark(stage, state="interrupted", error=why)
                 run_ids.append(entry.get("mlflow_run_id"))
         for run_id in filter(None, run_ids):
             try:
                 client = tracking.client(base.tracking, root)
-                if client.get_run(run_id).info.status == "RUNNING":
+                if client.get_run(run_id).info.status in ("RUNNING", "FAILED"):
                     client.set_tag(run_id, "t5adapt.stopped", why)
                     client.set_terminated(run_id, "KILLED")
             except Exception as e:  # tracking trouble must not hide the sweep's results

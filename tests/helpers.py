@@ -66,3 +66,9 @@ def ray_node_ports(base):
             str(base + 2), "--dashboard-agent-listen-port", str(base + 3), "--dashboard-agent-grpc-port", str(base + 4),
             "--metrics-export-port", str(base + 5), "--runtime-env-agent-port", str(base + 6),
             "--min-worker-port", str(base + 10), "--max-worker-port", str(base + 200)]
+
+
+# A small evaluation for end-to-end runs of configs/tiny.yaml: a few examples, passages and tokens.
+SMALL_EVALUATE = ["evaluate.max_examples=8", "evaluate.probe_passages=2", "evaluate.cost_repeats=1",
+                  "evaluate.num_samples=1", "evaluate.probe_prefix_tokens=16", "evaluate.probe_target_tokens=8",
+                  "evaluate.cost_input_tokens=16", "evaluate.cost_output_tokens=4", "evaluate.sample_new_tokens=4"]

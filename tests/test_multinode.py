@@ -13,14 +13,12 @@ import time
 
 import pytest
 
-from tests.helpers import free_port_range, free_ports, ray_node_ports
+from tests.helpers import SMALL_EVALUATE, free_port_range, free_ports, ray_node_ports
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny.yaml")
 SMALL = ["train.zero_stage=2", "train.max_steps=2", "train.checkpoint_every_steps=2", "train.cpus_per_worker=1",
-         "evaluate.max_examples=8", "evaluate.probe_passages=2", "evaluate.cost_repeats=1", "evaluate.num_samples=1",
-         "evaluate.probe_prefix_tokens=16", "evaluate.probe_target_tokens=8", "evaluate.cost_input_tokens=16",
-         "evaluate.cost_output_tokens=4", "evaluate.sample_new_tokens=4"]
+         *SMALL_EVALUATE]
 
 
 def _session_processes(sid):

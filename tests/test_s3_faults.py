@@ -15,15 +15,13 @@ import sys
 import threading
 import time
 
-from tests.helpers import free_ports
+from tests.helpers import SMALL_EVALUATE, free_ports
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny.yaml")
 OUTAGE_S = 8
 SMALL = ["train.num_workers=1", "train.zero_stage=0", "train.max_steps=8", "train.checkpoint_every_steps=2",
-         "evaluate.max_examples=8", "evaluate.probe_passages=2", "evaluate.cost_repeats=1", "evaluate.num_samples=1",
-         "evaluate.probe_prefix_tokens=16", "evaluate.probe_target_tokens=8", "evaluate.cost_input_tokens=16",
-         "evaluate.cost_output_tokens=4", "evaluate.sample_new_tokens=4"]
+         *SMALL_EVALUATE]
 
 
 class DyingEndpoint:

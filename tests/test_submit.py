@@ -13,16 +13,14 @@ import time
 import pytest
 
 from orchestrator import submit
-from tests.helpers import free_port_range, free_ports
+from tests.helpers import SMALL_EVALUATE, free_port_range, free_ports
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny.yaml")
 SWEEP_TINY = os.path.join(REPO, "configs", "sweep_tiny.yaml")
 VENV_BIN = os.path.dirname(sys.executable)
 SMALL = ["train.num_workers=1", "train.zero_stage=0", "train.max_steps=2", "train.checkpoint_every_steps=2",
-         "evaluate.max_examples=8", "evaluate.probe_passages=2", "evaluate.cost_repeats=1", "evaluate.num_samples=1",
-         "evaluate.probe_prefix_tokens=16", "evaluate.probe_target_tokens=8", "evaluate.cost_input_tokens=16",
-         "evaluate.cost_output_tokens=4", "evaluate.sample_new_tokens=4"]
+         *SMALL_EVALUATE]
 # Planted secrets: present in the cluster's and the submitter's environment, never in any output.
 AWS_KEY_ID, AWS_SECRET = "AKIAPLANTEDKEY0000001", "planted-secret-access-key-6d1f0b"
 
@@ -151,15 +149,33 @@ def test_without_or_with_a_wrong_token_the_error_says_where_the_token_is_looked_
     assert listed.stdout.count(" tiny") <= 1, listed.stdout
 
 
-def test_stop_stops_a_running_job_and_status_says_so(local_cluster):
+def _training_trial(root):
+    """A sweep trial (run directory ROOT/sweep-tiny-*) whose training has started, or None."""
+    from orchestrator import ledger
+
+    for name in os.listdir(root) if os.path.isdir(root) else []:
+        if name.startswith("sweep-tiny-") and os.path.exists(os.path.join(root, name, "ledger.json")):
+            if (ledger.read(os.path.join(root, name))["stages"].get("train") or {}).get("state") == "running":
+                return name
+    return None
+
+
+def test_a_submitted_sweep_runs_on_the_cluster_and_stop_stops_it(local_cluster):
+    """`submit --sweep` ships the sweep and its run config: the sweep starts a trial on the cluster and
+    trains; `stop` stops the job, and status says so."""
     env = local_cluster["env"]
-    submitted = _cli(["submit", TINY, "name=long"] + SMALL + ["train.max_steps=100000"], env)
+    one_long_trial = ["depths.encoder_layers=[all]", "depths.decoder_layers=[all]", "search.train.lr=0.001",
+                      "overrides.train.max_steps=100000", "overrides.train.checkpoint_every_steps=1000"]
+    submitted = _cli(["submit", "--sweep", SWEEP_TINY] + one_long_trial, env)
     assert submitted.returncode == 0, submitted.stdout
+    assert "submitted sweep `sweep-tiny`" in submitted.stdout
     job = _job_id(submitted.stdout)
-    deadline = time.monotonic() + 120
-    while "RUNNING" not in _cli(["status", job], env).stdout:
-        assert time.monotonic() < deadline, "the job never started"
-        time.sleep(2)
+    deadline = time.monotonic() + 600
+    while not _training_trial(local_cluster["root"]):
+        status = _cli(["status", job], env).stdout
+        assert "FAILED" not in status and time.monotonic() < deadline, status + _cli(["logs", job], env).stdout[-3000:]
+        time.sleep(3)
+    assert _cli(["status", job], env).stdout.startswith(f"{job}: RUNNING")
     stopped = _cli(["stop", job], env)
     assert stopped.returncode == 0 and stopped.stdout.strip() == f"job {job}: STOPPED", stopped.stdout
     assert _cli(["status", job], env).stdout.startswith(f"{job}: STOPPED")

@@ -318,3 +318,38 @@ def test_trial_names_are_deterministic_and_follow_the_config():
     assert all(n.startswith("sweep-tiny-e") for n in first)
     assert set(names("overrides.train.max_steps=6")).isdisjoint(first)  # another config: other runs
     assert names("max_concurrent_trials=2") == first  # how it runs is not what it computes
+
+
+def test_a_stopped_trial_whose_controller_saw_its_actors_die_is_marked_interrupted(tmp_path):
+    """When ASHA stops a trial, its controller may see the Train actors die and record a failure before
+    its own process is killed: Tune stopped it, so its ledger says interrupted and its MLflow runs
+    KILLED (the race that a full sweep only sometimes shows)."""
+    from jobs.core import tracking
+    from orchestrator import ledger as ledgers
+    from orchestrator.config import load_config
+    from orchestrator.sweep import _close_stopped_trials
+
+    base, root = load_config(os.path.join(REPO, "configs", "tiny.yaml")), str(tmp_path)
+    tracking.check_store(base.tracking, root)
+    client = tracking.client(base.tracking, root)
+    experiment = tracking.experiment_id(base.tracking, root)
+    runs = {name: client.create_run(experiment, run_name=name).info.run_id for name in ("trial", "train", "done")}
+    for name in ("trial", "train"):
+        client.set_terminated(runs[name], "FAILED")
+    for trial, state in (("stopped-trial", "failed"), ("finished-trial", "done")):
+        book = ledgers.Ledger(os.path.join(root, trial))
+        book.set(mlflow_run_id=runs["trial"] if state == "failed" else runs["done"], stages={})
+        book.mark("prepare", state="reused")
+        book.mark("train", state=state, error="The actor died unexpectedly before finishing this task.",
+                  mlflow_run_id=runs["train"] if state == "failed" else runs["done"])
+    client.set_terminated(runs["done"], "FINISHED")
+    _close_stopped_trials({"stopped-trial": {"state": "stopped", "metrics": {"step": 2}},
+                           "finished-trial": {"state": "done", "metrics": {"step": 12}}}, base, root)
+    stopped = ledgers.read(os.path.join(root, "stopped-trial"))["stages"]
+    assert stopped["train"]["state"] == "interrupted" and "stopped early" in stopped["train"]["error"]
+    assert stopped["prepare"]["state"] == "reused"
+    assert ledgers.read(os.path.join(root, "finished-trial"))["stages"]["train"]["state"] == "done"
+    for name in ("trial", "train"):
+        run = client.get_run(runs[name])
+        assert run.info.status == "KILLED" and "step 2" in run.data.tags["t5adapt.stopped"]
+    assert client.get_run(runs["done"]).info.status == "FINISHED"
