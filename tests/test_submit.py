@@ -38,7 +38,7 @@ def local_cluster():
     dashboard, mlflow_port, gcs = free_ports(3)
     env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ['PATH']}", T5ADAPT_CLUSTER_DIR=state,
                T5ADAPT_DASHBOARD_PORT=str(dashboard), T5ADAPT_MLFLOW_PORT=str(mlflow_port), T5ADAPT_RAY_PORT=str(gcs),
-               T5ADAPT_RAY_PORTS_BASE=str(free_port_range()), T5ADAPT_NUM_CPUS="2",
+               T5ADAPT_RAY_PORTS_BASE=str(free_port_range()), T5ADAPT_NUM_CPUS="3",
                RAY_AUTH_TOKEN_PATH=os.path.join(state, "auth_token"),
                AWS_ACCESS_KEY_ID=AWS_KEY_ID, AWS_SECRET_ACCESS_KEY=AWS_SECRET)
     env.pop("T5ADAPT_ROOT", None)
