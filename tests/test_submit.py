@@ -31,7 +31,7 @@ def _cli(args, env, timeout=600):
 
 
 @pytest.fixture(scope="module")
-def local_cluster():
+def local_cluster(s3_endpoint):
     """cluster/local/up.sh on free ports with a short state directory (Ray's socket paths are limited);
     down.sh at the end, which must leave no process of that cluster behind."""
     state = tempfile.mkdtemp(prefix="t5c-", dir="/tmp")
@@ -43,6 +43,11 @@ def local_cluster():
                AWS_ACCESS_KEY_ID=AWS_KEY_ID, AWS_SECRET_ACCESS_KEY=AWS_SECRET)
     env.pop("T5ADAPT_ROOT", None)
     env.pop("RAY_ADDRESS", None)
+    # The MLflow server keeps its artifacts on S3 (moto): runs upload them through the server.
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket="mlflow-artifacts")
+    env["T5ADAPT_MLFLOW_ARTIFACTS"] = "s3://mlflow-artifacts/local-cluster"
     # The token in the environment as well as in its file (up.sh keeps a token file that exists): a
     # secret the runs must never echo.
     token = "planted-ray-token-" + os.urandom(8).hex()
@@ -122,14 +127,22 @@ def test_submitted_run_succeeds_is_tracked_and_leaks_no_secret(local_cluster, tm
     texts.append(json.dumps(info.runtime_env) + json.dumps(info.metadata) + info.entrypoint)
     assert "AWS_SECRET_ACCESS_KEY" not in texts[-1] and "RAY_AUTH_TOKEN" not in texts[-1]
     scanned = 0
-    for folder in (local_cluster["root"], os.path.join(local_cluster["state"], "mlartifacts")):
-        for path, _, names in os.walk(folder):
-            for name in names:
-                if name.endswith((".json", ".yaml", ".txt", ".md", ".csv", ".log", ".jsonl")):
-                    with open(os.path.join(path, name), errors="replace") as f:
-                        texts.append(f.read())
-                    scanned += 1
+    for path, _, names in os.walk(local_cluster["root"]):
+        for name in names:
+            if name.endswith((".json", ".yaml", ".txt", ".md", ".csv", ".log", ".jsonl")):
+                with open(os.path.join(path, name), errors="replace") as f:
+                    texts.append(f.read())
+                scanned += 1
     assert scanned > 10
+    # The runs' artifacts went through the server to S3, and hold no secret either.
+    import boto3
+
+    s3 = boto3.client("s3")
+    artifacts = [o["Key"] for o in s3.list_objects_v2(Bucket="mlflow-artifacts", Prefix="local-cluster/")["Contents"]]
+    assert any(key.endswith("evaluation.md") for key in artifacts), artifacts
+    for key in artifacts:
+        if key.endswith((".json", ".yaml", ".txt", ".md", ".csv")):
+            texts.append(s3.get_object(Bucket="mlflow-artifacts", Key=key)["Body"].read().decode(errors="replace"))
     for secret in secrets:
         assert not any(secret in text for text in texts), "a secret leaked"
 

@@ -7,6 +7,8 @@
 #   T5ADAPT_CLUSTER_DIR     state: pids, logs, the MLflow store, the run root (default ~/.t5adapt/local-cluster)
 #   T5ADAPT_DASHBOARD_PORT  Ray dashboard and Jobs API (default 8265)
 #   T5ADAPT_MLFLOW_PORT     MLflow server (default 5000)
+#   T5ADAPT_MLFLOW_ARTIFACTS where the server keeps artifacts: a directory or s3://BUCKET/PREFIX, which
+#                           the server reaches with boto3's usual settings (default $STATE/mlartifacts)
 #   T5ADAPT_RAY_PORT        Ray's GCS (default 6379); T5ADAPT_NUM_CPUS: CPUs the head offers (default: all)
 #   T5ADAPT_RAY_PORTS_BASE  if set, every other Ray port is taken from BASE, BASE+1, ... (to run beside
 #                           another Ray on this machine)
@@ -55,7 +57,7 @@ PY
 }
 
 export MLFLOW_TRACKING_URI="http://127.0.0.1:$MLFLOW_PORT"
-setsid mlflow server --backend-store-uri "sqlite:///$STATE/mlflow.db" --artifacts-destination "$STATE/mlartifacts" \
+setsid mlflow server --backend-store-uri "sqlite:///$STATE/mlflow.db" --artifacts-destination "${T5ADAPT_MLFLOW_ARTIFACTS:-$STATE/mlartifacts}" \
   --host 127.0.0.1 --port "$MLFLOW_PORT" >"$STATE/mlflow.log" 2>&1 < /dev/null &
 echo $! > "$STATE/mlflow.pid"
 
