@@ -21,6 +21,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	# Chromium renders the MLflow UI in tests/test_mlflow_browser.py; CI is root on Debian 12.
 	command -v chromium >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
+	# pkill/pgrep (procps) and unshare/setsid (util-linux): cluster/local/down.sh and the multi-node test.
+	command -v pkill >/dev/null && command -v unshare >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q procps util-linux)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

@@ -133,8 +133,9 @@ class Cluster:
         return self.wait(job_id, timeout_s=30)
 
     def stop(self, job_id: str, timeout_s: float = 60) -> str:
-        if self.info(job_id).status.value in _TERMINAL:
-            return self.info(job_id).status.value
+        status = self.info(job_id).status.value
+        if status in _TERMINAL:
+            return status
         self._call(self._client.stop_job, job_id)
         return self.wait(job_id, timeout_s)
 
