@@ -115,7 +115,9 @@ class Cluster:
             raise
 
     def jobs(self) -> list:
-        return sorted(self._call(self._client.list_jobs), key=lambda j: j.start_time or 0)
+        """The t5adapt jobs (those submit tagged), oldest first."""
+        found = [j for j in self._call(self._client.list_jobs) if (j.metadata or {}).get("t5adapt.kind")]
+        return sorted(found, key=lambda j: j.start_time or 0)
 
     def logs(self, job_id: str) -> str:
         self.info(job_id)
@@ -230,7 +232,7 @@ def submit(kind: str, config: str, overrides: List[str], address: Optional[str],
 
 
 def jobs_table(cluster: Cluster) -> str:
-    rows = [j for j in cluster.jobs() if (j.metadata or {}).get("t5adapt.kind")]
+    rows = cluster.jobs()
     if not rows:
         return f"no t5adapt jobs on {cluster.address} (submit one: t5adapt submit CONFIG)"
     lines = [f"{'JOB':<40} {'KIND':<6} {'STATUS':<10} {'STARTED':<20} NAME"]
@@ -243,7 +245,7 @@ def jobs_table(cluster: Cluster) -> str:
 
 def status_text(cluster: Cluster, job_id: Optional[str]) -> str:
     if job_id is None:
-        rows = [j for j in cluster.jobs() if (j.metadata or {}).get("t5adapt.kind")]
+        rows = cluster.jobs()
         if not rows:
             return f"cluster {cluster.address}: reachable; no t5adapt jobs yet"
         job_id = rows[-1].submission_id
