@@ -126,8 +126,8 @@ def _check_writable_dir(path: str, what: str) -> None:
 
 
 def _check_train_fits(cfg) -> None:
-    """On the embedded cluster, training gets this machine's CPUs (and one extra slot for the data
-    readers, which mostly wait on I/O); asking for more would start workers that never run a step."""
+    """On the embedded cluster, training gets this machine's CPUs; asking for more would start
+    workers that never run a step."""
     from jobs.train.stage import cpus_needed
 
     if os.environ.get("RAY_ADDRESS"):

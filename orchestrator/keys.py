@@ -14,6 +14,7 @@ from typing import Dict, Optional
 from jobs.core import storage
 from jobs.core.commits import stage_key
 from jobs.core.sources import source_identity
+from jobs.train.batches import DATA_ORDER
 
 STAGES = ("prepare", "adapt", "train", "evaluate", "export")
 # Fields that never change a stage's output bytes.
@@ -76,6 +77,7 @@ def plan_stages(job, root: str, denoising: dict, outputs: Optional[Dict[str, str
     keys["prepare"] = prepare_key(job.data, tokenizer_spec(job))
     keys["adapt"] = adapt_key(job.adapt, denoising)
     train_fields = {k: v for k, v in asdict(job.train).items() if k not in _TRAIN_NOT_KEYED}
+    train_fields["data_order"] = DATA_ORDER
     keys["train"] = stage_key("train", train_fields, {k: keys[k] for k in inputs["train"]})
     keys["evaluate"] = stage_key("evaluate", {"evaluate": asdict(job.evaluate), "source": source_identity(job.adapt.source)},
                                  {k: keys[k] for k in inputs["evaluate"]})

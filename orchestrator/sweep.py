@@ -134,7 +134,7 @@ def _check_resources(sweep: SweepConfig, jobs: list) -> float:
         short = {k: v for k, v in need.items() if resources.get(k, 0) < v}
         if short:
             raise UserError(f"one sweep trial needs {_resources(need)} (train.num_workers={worst.train.num_workers} "
-                            f"x train.cpus_per_worker={worst.train.cpus_per_worker:g} + 1 for data loading), but the "
+                            f"x train.cpus_per_worker={worst.train.cpus_per_worker:g}), but the "
                             f"cluster has {_resources(resources, need)}: lower those, or add nodes")
         return per_trial
     machine = machine_cpus()

@@ -16,7 +16,8 @@ def _fake_checkpoint(root, step, committed=True, payload=b"weights"):
     files = {"ds/shard.pt": {"sha256": storage.file_sha256(os.path.join(path, "ds", "shard.pt")),
                              "bytes": len(payload) + 1}}
     with open(os.path.join(path, checkpoints.MANIFEST), "w") as f:
-        json.dump({"step": step, "micro_batches": step, "config_hash": "h", "files": files}, f)
+        json.dump({"step": step, "micro_batches": step, "config_hash": "h", "world_size": 1, "ranks": [["ds/shard.pt"]],
+                   "files": files}, f)
     if committed:
         open(os.path.join(path, "COMMITTED"), "w").close()
 
@@ -33,9 +34,14 @@ def test_torn_checkpoints_are_ignored_and_damaged_ones_skipped(tmp_path, caplog)
         f.write(b"X")  # same size, other bytes
     with caplog.at_level(logging.WARNING, logger="t5adapt.train"):
         assert checkpoints.newest_intact(root) == 10
-    assert "step-000020 is damaged (ds/shard.pt does not match its checksum)" in caplog.text
+    assert ("step-000020 cannot be used (ds/shard.pt does not match its checksum); falling back to the previous "
+            "committed one") in caplog.text
+    caplog.clear()
     os.remove(os.path.join(checkpoints.step_dir(root, 10), "ds", "shard.pt"))
-    assert checkpoints.newest_intact(root) is None
+    with caplog.at_level(logging.WARNING, logger="t5adapt.train"):
+        assert checkpoints.newest_intact(root) is None
+    assert "step-000010 cannot be used (ds/shard.pt is missing); no intact checkpoint is left: starting from step 0" \
+        in caplog.text
 
 
 def test_prune_keeps_the_newest_committed_and_drops_older_torn_ones(tmp_path):
@@ -69,3 +75,50 @@ def test_ranks_sharing_the_check_cover_every_file_once(tmp_path):
         assert [p for p in problems if p] == [f"{name} does not match its checksum"], problems
         with open(os.path.join(path, name), "r+b") as f:
             f.write(first)
+
+
+def test_a_checkpoint_missing_a_ranks_files_is_damaged(tmp_path):
+    """The manifest records each rank's files: a checkpoint that lacks a rank (or lists a file as
+    another rank's) is not intact, even when every listed file matches its checksum."""
+    root = str(tmp_path)
+    _fake_checkpoint(root, 10)
+    path = os.path.join(checkpoints.step_dir(root, 10), checkpoints.MANIFEST)
+    manifest = json.load(open(path))
+    assert checkpoints.damage(root, 10) is None
+    for world, ranks, problem in ((2, [["ds/shard.pt"]], "does not list the files of each of its 2 ranks"),
+                                  (2, [["ds/shard.pt"], []], "rank 1 of 2 did not contribute its files"),
+                                  (1, [["ds/zero_pp_rank_1_optim.pt"]], "rank 0 of 1 did not contribute")):
+        json.dump(dict(manifest, world_size=world, ranks=ranks), open(path, "w"))
+        assert problem in checkpoints.damage(root, 10)
+    manifest["files"]["ds/zero_pp_rank_1_optim.pt"] = manifest["files"]["ds/shard.pt"]
+    json.dump(dict(manifest, ranks=[["ds/shard.pt", "ds/zero_pp_rank_1_optim.pt"]]), open(path, "w"))
+    assert "carry another rank's number" in checkpoints.damage(root, 10)
+
+
+def test_each_rank_fetches_only_the_files_it_loads_from_s3(s3_endpoint, tmp_path):
+    """On s3://, resuming rank r downloads the trainer state, DeepSpeed's shared files and its own
+    ZeRO files, never the other ranks' shards or the probe, and checks what it downloaded."""
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket="resume-files")
+    root = "s3://resume-files/train"
+    names = ["trainer_state.json", "probe.pt", "ds/mp_rank_00_model_states.pt",
+             "ds/zero_pp_rank_0_mp_rank_00_optim_states.pt", "ds/zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    files = {}
+    for name in names:
+        local = tmp_path / name.replace("/", "_")
+        local.write_bytes(name.encode() * 3)
+        storage.put_file(str(local), storage.join(checkpoints.step_dir(root, 4), name))
+        files[name] = {"sha256": storage.file_sha256(str(local)), "bytes": local.stat().st_size}
+    manifest = {"step": 4, "micro_batches": 4, "config_hash": "h", "world_size": 2, "files": files,
+                "ranks": [[n for n in names if "rank_1" not in n], ["ds/zero_pp_rank_1_mp_rank_00_optim_states.pt"]]}
+    storage.write_text(storage.join(checkpoints.step_dir(root, 4), checkpoints.MANIFEST), json.dumps(manifest))
+    for rank in (0, 1):
+        local, problem = checkpoints.fetch_for_resume(root, 4, rank, 2)
+        got = sorted(os.path.relpath(os.path.join(d, f), local) for d, _, fs in os.walk(local) for f in fs)
+        assert problem is None
+        assert got == sorted(["trainer_state.json", "ds/mp_rank_00_model_states.pt",
+                              f"ds/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"])
+    storage.write_text(storage.join(checkpoints.step_dir(root, 4), "ds/zero_pp_rank_1_mp_rank_00_optim_states.pt"), "x")
+    assert checkpoints.fetch_for_resume(root, 4, 0, 2)[1] is None  # rank 0 never reads rank 1's shard
+    assert "does not match its checksum" in checkpoints.fetch_for_resume(root, 4, 1, 2)[1]

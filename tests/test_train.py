@@ -18,7 +18,7 @@ TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 
 @pytest.fixture(scope="module")
 def ray_cluster(s3_endpoint):
-    """3 logical CPUs: two training workers plus Ray Data's readers (Ray starts after the S3
+    """3 logical CPUs: two training workers plus the prepare stage's tasks (Ray starts after the S3
     server, so its workers inherit the endpoint and test credentials)."""
     import ray
 
@@ -173,9 +173,28 @@ def test_killed_worker_recovers_and_replays_the_same_losses(reference):
     client, run = _train_run(root, "tiny")
     resumed = [m.value for m in client.get_metric_history(run.info.run_id, "resumed_from_step")]
     assert resumed and resumed[0] in (10, 20), resumed  # Ray restarted the group; it resumed by itself
-    losses = _loss_by_step(client, run.info.run_id)
-    # Bitwise: same data per rank and position, same reduction order (gloo, same world size), fp32.
-    assert losses == reference["losses"]
+    # Replayed steps are logged once: one value per step, and every step is there.
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(1, 31))
+    # Bitwise: same data per rank and position (a seeded order per pass), same reduction order
+    # (gloo, same world size), fp32: the killed run ends on the reference's weights.
+    assert _loss_by_step(client, run.info.run_id) == reference["losses"]
+    assert _final_weights(root) == _final_weights(reference["root"])
+
+
+def _final_weights(root):
+    """{name: bytes} of the trained model a root's train stage exported (local or s3://)."""
+    from safetensors.torch import load_file
+
+    from jobs.core import storage
+
+    model = storage.local_copy(storage.join(_stage(root, "train"), "model"))
+    weights = {}
+    for name in sorted(os.listdir(model)):
+        if name.endswith(".safetensors"):
+            weights.update({k: v.numpy().tobytes() for k, v in load_file(os.path.join(model, name)).items()})
+    assert weights
+    return weights
 
 
 def test_zero3_on_s3_resumes_from_previous_checkpoint_when_newest_is_corrupt(ray_cluster, reference, tmp_path):
@@ -197,9 +216,11 @@ def test_zero3_on_s3_resumes_from_previous_checkpoint_when_newest_is_corrupt(ray
     client, run = _train_run(root, "tiny")
     losses = _loss_by_step(client, run.info.run_id)
     assert np.mean([losses[7], losses[8]]) < np.mean([losses[1], losses[2]]) - 0.3, losses
+    first_weights = _final_weights(root)
 
     # Flip bytes in one ZeRO-3 shard of the newest checkpoint, keeping its size, and take the
-    # stage's marker away (as if the run had died before finishing), so the stage is built again.
+    # export and the stage's marker away (as if the run had died before exporting), so the stage is
+    # built again: the driver's export finds the damage and training redoes step 8 from step 4.
     shard = next(name for name in checkpoints.read_manifest(train, 8)["files"]
                  if "zero_pp_rank_1" in name and "optim" in name)
     bucket, key = storage.split_s3(storage.join(checkpoints.step_dir(train, 8), shard))
@@ -207,18 +228,18 @@ def test_zero3_on_s3_resumes_from_previous_checkpoint_when_newest_is_corrupt(ray
     body[len(body) // 2:len(body) // 2 + 64] = bytes(64)
     boto3.client("s3").put_object(Bucket=bucket, Key=key, Body=bytes(body))
     storage.delete_file(storage.join(train, "COMMITTED"))
+    storage.delete_tree(storage.join(train, "model"))
 
     assert main(["train", TINY, "--root", root] + overrides) == 0  # the same command again
     client, again = _train_run(root, "tiny")
     assert again.info.run_id == run.info.run_id  # the same MLflow run, reopened
     resumed = [m.value for m in client.get_metric_history(run.info.run_id, "resumed_from_step")]
     assert resumed == [4]  # the damaged step 8 was skipped for step 4
-    replayed = _loss_by_step(client, run.info.run_id)
-    assert [replayed[s] for s in range(5, 9)] == [losses[s] for s in range(5, 9)]
+    assert client.get_run(run.info.run_id).data.tags["t5adapt.resumed_from_step"] == "4"
+    # Steps 5-8 were replayed, not logged again; the replay ends on the same weights, bitwise.
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == list(range(1, 9))
     assert checkpoints.verify(train, 8, checkpoints.fetch(train, 8)) is None
-    from transformers import AutoModelForSeq2SeqLM
-
-    AutoModelForSeq2SeqLM.from_pretrained(storage.download_prefix(storage.join(train, "model")))
+    assert _final_weights(root) == first_weights
 
 
 UNBALANCED = ["adapt.source=builtin:tiny-gemma2", "adapt.decoder_source=builtin:tiny-gemma2-narrow", "name=tiny-t5gemma"]
@@ -326,7 +347,8 @@ def test_zero0_one_worker_trains_exactly_like_a_plain_pytorch_loop(reference, tm
     from transformers import AutoModelForSeq2SeqLM
 
     from jobs.train import checkpoints
-    from jobs.core.examples_io import batch_of, make_collate, read_examples
+    from jobs.core.examples_io import make_collate, read_examples
+    from jobs.train.batches import pass_order
     from jobs.train.export import consolidated_state
     from jobs.train.loop import forward_loss
     from jobs.train.schedule import param_groups, set_learning_rate
@@ -344,10 +366,12 @@ def test_zero0_one_worker_trains_exactly_like_a_plain_pytorch_loop(reference, tm
                                   betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
     metadata, rows = read_examples(data)
     collate = make_collate(metadata["encoder_length"], metadata["decoder_length"], metadata["pad_id"])
+    order = pass_order(cfg.seed, 0, 0, len(rows["input_ids"]))  # the first pass's order (jobs/train/batches.py)
     for step in range(2):
         set_learning_rate(optimizer, step, cfg, 0)
         torch.manual_seed(cfg.seed * 1_000_003 + step * 1_009)  # as the loop seeds rank 0
-        batch = batch_of(rows, step * cfg.micro_batch_size, cfg.micro_batch_size, collate)
+        chosen = order[step * cfg.micro_batch_size:(step + 1) * cfg.micro_batch_size]  # rank 0 of 1: all rows
+        batch = collate({c: v[chosen] for c, v in rows.items()})
         loss, _ = forward_loss(model, batch, len(metadata["denoisers"]))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -358,3 +382,31 @@ def test_zero0_one_worker_trains_exactly_like_a_plain_pytorch_loop(reference, tm
     assert sum(not torch.equal(trained[k], initial[k]) for k in trained) > len(trained) // 2
     for key in trained:
         torch.testing.assert_close(trained[key], plain[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_a_second_driver_and_another_world_size_are_refused_before_training(reference, tmp_path):
+    """The driver holds STORAGE/checkpoints.lock while it trains; and checkpoints saved by 2 workers
+    cannot be resumed by 1 (ZeRO partitions and data positions belong to the world size)."""
+    import shutil
+
+    from jobs.core.errors import UserError
+    from jobs.core.locks import StageLock
+    from jobs.train import checkpoints
+
+    storage_root = str(tmp_path / "train")
+    shutil.copytree(checkpoints.folder(_stage(reference["root"], "train")), checkpoints.folder(storage_root))
+    holder = StageLock(checkpoints.folder(storage_root), info="training")
+    assert holder.try_acquire() is None
+    try:
+        with pytest.raises(UserError, match=r"checkpoints is being trained by .*: wait for it to finish"):
+            _train_alone(reference, storage_root, [])
+    finally:
+        holder.release()
+    overrides = ["train.num_workers=1", "train.zero_stage=0"]
+    for step in checkpoints.committed_steps(storage_root):  # made from this config, but by 2 workers
+        path = os.path.join(checkpoints.step_dir(storage_root, step), checkpoints.MANIFEST)
+        manifest = json.load(open(path))
+        json.dump(dict(manifest, config_hash="test-" + "-".join(overrides)), open(path, "w"))
+    with pytest.raises(UserError, match=r"saved by 2 workers \(step 30\); train.num_workers=1 cannot resume them: "
+                                        r"set train.num_workers=2, or pass --force"):
+        _train_alone(reference, storage_root, overrides)

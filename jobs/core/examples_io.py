@@ -75,7 +75,7 @@ def read_examples(data_dir: str, names: Optional[List[str]] = None, limit: Optio
     tables = [_read_table(data_dir, name, COLUMNS) for name in names]
     columns = {c: [np.asarray(x) for t in tables for x in t.column(c).to_pylist()] for c in COLUMNS}
     order = np.argsort(columns["example_index"], kind="stable")[:limit]
-    return metadata, {c: _ragged([columns[c][i] for i in order]) for c in COLUMNS}
+    return metadata, {c: ragged([columns[c][i] for i in order]) for c in COLUMNS}
 
 
 def batch_of(rows: dict, start: int, size: int, collate) -> dict:
@@ -96,7 +96,7 @@ def read_heldout_documents(data_dir: str) -> List[np.ndarray]:
     return [np.asarray(t, dtype=np.int64) for t in table.column("tokens").to_pylist()]
 
 
-def _ragged(values: list) -> np.ndarray:
+def ragged(values: list) -> np.ndarray:
     """A 1-D object array of `values` (np.array would make a 2-D one when all rows have one length)."""
     out = np.empty(len(values), dtype=object)
     for i, value in enumerate(values):

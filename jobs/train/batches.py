@@ -1,27 +1,35 @@
-"""Prepared examples -> padded micro-batches, streamed from Ray Data into each training worker.
+"""Prepared examples -> padded micro-batches for one training rank: its own rows, shuffled per pass.
 
-Rank r of W trains on the examples whose example_index % W == r, in index order, every epoch the
-same. Ray's own streaming split hands blocks to whichever worker asks first, so the examples a rank
-sees would differ between runs; this fixed assignment makes the data a pure function of (rank,
-position), which is what lets a resumed run replay the uninterrupted one exactly. Each rank's
-dataset is filtered in Ray Data's tasks and read with iter_torch_batches, which prefetches and pads
-in a background thread while the step runs.
+Rank r of W owns the examples with index in [r * S, (r + 1) * S), S = num_examples // W (the last
+num_examples % W are never trained on), and reads only the Parquet files that hold them: bytes read
+per rank fall with the number of ranks. Every pass over the rank's rows follows its own permutation,
+drawn from (train.seed, pass, rank): windows of WINDOW_EXAMPLES rows in a shuffled order, the rows
+of each window shuffled, so a micro-batch mixes documents and only one window is held in memory.
 
-The data position is one number, the micro-batches each rank has consumed (the same on every rank);
-a resumed rank skips that many. Ray Data cannot seek, so skipping re-reads (cheap next to a step).
+The data position is one number, the micro-batches each rank has consumed (the same on every
+rank); it fixes the pass and the offset in that pass's permutation, so a resumed rank reads the
+window it stopped in and nothing before it. A background thread reads and collates ahead of the
+step (the step never waits on Parquet or S3 unless reading is slower than training).
 """
 
-from typing import Dict, Iterator
+import queue
+import threading
+from typing import Callable, Dict, Iterator, Tuple
 
 import numpy as np
 
 from jobs.core import storage
 from jobs.core.errors import UserError
-from jobs.core.examples_io import COLUMNS
+from jobs.core.examples_io import COLUMNS, ragged
+
+# Which examples a step sees is part of what training makes: a new order is a new train key.
+DATA_ORDER = f"rank ranges, windows of {16384} shuffled per pass"
+WINDOW_EXAMPLES = 16384  # rows shuffled together in memory (~65 MB at 512 + 256 tokens)
+PREFETCH_BATCHES = 4
 
 
 def batches_per_epoch(num_examples: int, num_workers: int, micro_batch_size: int, data_dir: str) -> int:
-    """Micro-batches every rank gets per pass (the smallest rank's share, whole batches only)."""
+    """Micro-batches every rank gets per pass (its share, whole batches only)."""
     per_rank = (num_examples // num_workers) // micro_batch_size
     if per_rank < 1:
         raise UserError(f"{data_dir} holds {num_examples} examples, fewer than one micro-batch per worker "
@@ -30,42 +38,113 @@ def batches_per_epoch(num_examples: int, num_workers: int, micro_batch_size: int
     return per_rank
 
 
-def rank_datasets(data_dir: str, metadata: dict, num_workers: int) -> Dict[str, object]:
-    """{"train_rank0": Dataset, ...}: each rank's examples, in index order (driver side)."""
-    import ray.data
-
-    filesystem, root = storage.arrow_filesystem(data_dir)
-    paths = [f"{root}/{f['name']}" for f in metadata["files"]]
-    dataset = ray.data.read_parquet(paths, filesystem=filesystem, columns=COLUMNS)
-
-    def own_rows(batch: Dict[str, np.ndarray], rank: int) -> Dict[str, np.ndarray]:
-        keep = batch["example_index"] % num_workers == rank
-        return {k: v[keep] for k, v in batch.items()}
-
-    return {f"train_rank{r}": dataset.map_batches(own_rows, fn_kwargs={"rank": r}, batch_format="numpy")
-            for r in range(num_workers)}
+def rank_rows(num_examples: int, rank: int, world_size: int) -> Tuple[int, int]:
+    """[first, end) example indices rank `rank` of `world_size` trains on."""
+    share = num_examples // world_size
+    return rank * share, (rank + 1) * share
 
 
-def ingest_options():
-    """Ray Train's default ingest options, with order preserved (the replay guarantee above)."""
-    from ray.train import DataConfig
+def pass_order(seed: int, pass_index: int, rank: int, share: int, window: int = WINDOW_EXAMPLES) -> np.ndarray:
+    """Offsets 0..share-1 (into the rank's rows) in the order pass `pass_index` visits them: a
+    permutation of the windows, each window's rows permuted. A pure function of its arguments."""
+    rng = np.random.default_rng([seed, pass_index, rank])
+    starts = np.arange(0, share, window)
+    parts = [start + rng.permutation(min(window, share - start)) for start in starts[rng.permutation(len(starts))]]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
-    options = DataConfig.default_ingest_options()
-    options.preserve_order = True
-    return options
 
+class RankReader:
+    """Rows of one rank's range, read a window at a time from the prepared Parquet files.
 
-def micro_batches(shard, start: int, per_epoch: int, micro_batch_size: int, collate) -> Iterator[dict]:
-    """Endless micro-batches of one rank from position `start` (micro-batches already consumed)."""
-    position = start
-    while True:
-        epoch_offset = position % per_epoch
-        stream = shard.iter_torch_batches(batch_size=micro_batch_size, collate_fn=collate, drop_last=True,
-                                          prefetch_batches=2)
-        for index, batch in enumerate(stream):
-            if index >= per_epoch:
-                break
-            if index < epoch_offset:
+    metadata: the prepare stage's metadata.json ("files": name, first_example, examples).
+    bytes_read: Parquet bytes this reader has fetched (for bench/data_reads.py).
+    """
+
+    def __init__(self, data_dir: str, metadata: dict, first: int, end: int):
+        self.data_dir, self.first, self.end = data_dir, first, end
+        self.files = sorted(metadata["files"], key=lambda f: f["first_example"])
+        filesystem, self.root = storage.arrow_filesystem(data_dir)
+        if filesystem is None:
+            from pyarrow import fs
+
+            filesystem = fs.LocalFileSystem()
+        self.filesystem = filesystem
+        self.bytes_read = 0
+        self._cache: Dict[int, Dict[str, np.ndarray]] = {}  # window start offset -> its rows
+
+    def rows(self, offsets: np.ndarray, window: int = WINDOW_EXAMPLES) -> Dict[str, np.ndarray]:
+        """The rows at `offsets` (into the rank's range) as ragged numpy columns, in that order."""
+        out = {c: np.empty(len(offsets), dtype=object) for c in COLUMNS}
+        for i, offset in enumerate(offsets):
+            start = int(offset) // window * window
+            if start not in self._cache:
+                if len(self._cache) >= 2:  # a micro-batch spans at most two windows
+                    self._cache.pop(next(iter(self._cache)))
+                self._cache[start] = self._read(self.first + start, min(self.first + start + window, self.end))
+            for c in COLUMNS:
+                out[c][i] = self._cache[start][c][int(offset) - start]
+        return out
+
+    def _read(self, lo: int, hi: int) -> Dict[str, np.ndarray]:
+        """Examples lo..hi-1 (by index), from the files that hold them."""
+        import pyarrow.parquet as pq
+
+        columns = {c: [] for c in COLUMNS}
+        for entry in self.files:
+            first, count = entry["first_example"], entry["examples"]
+            if first >= hi or first + count <= lo:
                 continue
-            yield batch
+            path = f"{self.root}/{entry['name']}"
+            with self.filesystem.open_input_file(path) as handle:
+                table = pq.read_table(handle, columns=COLUMNS)
+                self.bytes_read += handle.size()
+            indices = table.column("example_index").to_numpy()
+            keep = np.flatnonzero((indices >= lo) & (indices < hi))
+            for c in COLUMNS:
+                values = table.column(c).to_numpy(zero_copy_only=False)
+                columns[c].extend(values[keep])
+        order = np.argsort(np.asarray(columns["example_index"], dtype=np.int64), kind="stable")
+        got = np.asarray(columns["example_index"], dtype=np.int64)[order]
+        if len(got) != hi - lo or (len(got) and (got[0] != lo or got[-1] != hi - 1)):
+            raise UserError(f"{self.data_dir} does not hold examples {lo}..{hi - 1} as its metadata.json says "
+                            f"(found {len(got)} of {hi - lo}): the prepared data is damaged; delete that prepare "
+                            "output and run again to rebuild it")
+        return {c: ragged([columns[c][i] for i in order]) for c in COLUMNS}
+
+
+def micro_batches(reader: RankReader, start: int, per_epoch: int, micro_batch_size: int, seed: int, rank: int,
+                  collate: Callable) -> Iterator[dict]:
+    """Endless collated micro-batches of one rank from position `start` (micro-batches consumed),
+    prepared by a background thread PREFETCH_BATCHES ahead."""
+    share = reader.end - reader.first
+
+    def produce(position: int):
+        pass_index, order = None, None
+        while True:
+            if position // per_epoch != pass_index:
+                pass_index = position // per_epoch
+                order = pass_order(seed, pass_index, rank, share)
+            at = position % per_epoch * micro_batch_size
+            yield collate(reader.rows(order[at:at + micro_batch_size]))
             position += 1
+
+    return _prefetched(produce(start), PREFETCH_BATCHES)
+
+
+def _prefetched(source: Iterator, depth: int) -> Iterator:
+    """`source`'s items, computed by a daemon thread up to `depth` ahead; its error is raised here."""
+    items: "queue.Queue" = queue.Queue(maxsize=depth)
+
+    def fill():
+        try:
+            for item in source:
+                items.put((True, item))
+        except BaseException as e:  # noqa: B902 - handed to the consumer, which raises it
+            items.put((False, e))
+
+    threading.Thread(target=fill, daemon=True, name="t5adapt-data").start()
+    while True:
+        ok, item = items.get()
+        if not ok:
+            raise item
+        yield item

@@ -4,15 +4,16 @@
       ds/...                     DeepSpeed's files: every rank writes its own (ZeRO shards)
       trainer_state.json         step, data position (micro-batches consumed), counters
       probe.pt                   final checkpoint only: a batch and the logits the engine gave it
-      manifest.json              step, data position, config hash, sha256 and size of every file
+      manifest.json              step, data position, config hash, world size, each rank's files,
+                                 sha256 and size of every file
       COMMITTED                  written last; discovery ignores a directory without it
 
 Each rank saves into its own local scratch directory and copies its files to storage; the ranks'
 checksums are gathered, and rank 0 writes the manifest and then the marker. On resume, the ranks
-walk the committed checkpoints newest first, each re-hashing (for s3://, downloading) its share of
-the files, and take the first one that every rank found intact; a damaged one is skipped with a
-warning naming it. After each commit only the newest
-train.keep_checkpoints stay.
+walk the committed checkpoints newest first and take the first one that every rank found intact
+and could load; a damaged one is skipped with a warning naming it. Locally each rank re-hashes its
+share of the files; on s3:// each rank downloads only the files it loads (its own ZeRO shards and
+the shared ones) and hashes those. After each commit only the newest train.keep_checkpoints stay.
 """
 
 import json
@@ -25,6 +26,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from jobs.core import storage
 from jobs.core.commits import COMMIT_MARKER
+from jobs.core.errors import UserError
 
 log = logging.getLogger("t5adapt.train")
 MANIFEST = "manifest.json"
@@ -32,6 +34,11 @@ STATE = "trainer_state.json"
 PROBE = "probe.pt"
 DS_TAG = "ds"
 _NAME = re.compile(r"^step-(\d{6,})$")
+_RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_")  # DeepSpeed's per-rank files (ZeRO shards, optimizer partitions)
+
+
+class DamagedCheckpoint(UserError):
+    """A committed checkpoint whose files do not match its manifest."""
 
 
 def folder(storage_root: str) -> str:
@@ -77,7 +84,7 @@ def save(engine, storage_root: str, step: int, state: dict, config_hash: str, ke
             _uncommit(target)
             storage.delete_tree(target)
         dist.barrier()
-        mine = {}
+        mine = {}  # rank 0 also writes the shared files (DeepSpeed's module file, trainer state, probe)
         for path in _files(scratch):
             rel = os.path.relpath(path, scratch).replace(os.sep, "/")
             storage.put_file(path, storage.join(target, rel))
@@ -89,7 +96,8 @@ def save(engine, storage_root: str, step: int, state: dict, config_hash: str, ke
             for part in gathered:
                 files.update(part)
             manifest = {"step": step, "micro_batches": state["micro_batches"], "config_hash": config_hash,
-                        "world_size": dist.get_world_size(), "files": dict(sorted(files.items()))}
+                        "world_size": dist.get_world_size(), "ranks": [sorted(part) for part in gathered],
+                        "files": dict(sorted(files.items()))}
             storage.write_text(storage.join(target, MANIFEST), json.dumps(manifest, indent=1))
             storage.write_text(storage.join(target, COMMIT_MARKER), "")
             _prune(storage_root, keep)
@@ -136,6 +144,9 @@ def verify(storage_root: str, step: int, local: str, part: Tuple[int, int] = (0,
         manifest = read_manifest(storage_root, step)
     except (OSError, ValueError, KeyError) as e:
         return f"manifest unreadable ({e})"
+    problem = missing_ranks(manifest)
+    if problem:
+        return problem
     for rel, expected in _share(manifest["files"].items(), part):
         path = os.path.join(local, rel)
         if not os.path.isfile(path):
@@ -143,6 +154,61 @@ def verify(storage_root: str, step: int, local: str, part: Tuple[int, int] = (0,
         if os.path.getsize(path) != expected["bytes"] or storage.file_sha256(path) != expected["sha256"]:
             return f"{rel} does not match its checksum"
     return None
+
+
+def missing_ranks(manifest: dict) -> Optional[str]:
+    """Whether every rank of the recorded world size contributed its files (None: all did)."""
+    world = manifest.get("world_size")
+    ranks = manifest.get("ranks")
+    if not isinstance(world, int) or world < 1 or not isinstance(ranks, list) or len(ranks) != world:
+        return f"its manifest does not list the files of each of its {world} ranks"
+    for rank, names in enumerate(ranks):
+        if not names or any(name not in manifest["files"] for name in names):
+            return f"rank {rank} of {world} did not contribute its files"
+        owners = {int(m.group(1)) for m in map(_RANK_FILE.search, names) if m}
+        if owners - {rank}:
+            return f"rank {rank}'s files carry another rank's number ({sorted(owners)})"
+    return None
+
+
+def needed_by(rel: str, rank: int) -> bool:
+    """Whether rank `rank` loads manifest file `rel` on resume: the trainer state, DeepSpeed's shared
+    files and its own ZeRO files (not other ranks' shards, not the probe)."""
+    if rel == STATE:
+        return True
+    if not rel.startswith(DS_TAG + "/"):
+        return False
+    match = _RANK_FILE.search(rel)
+    return match is None or int(match.group(1)) == rank
+
+
+def fetch_for_resume(storage_root: str, step: int, rank: int, world: int) -> Tuple[str, Optional[str]]:
+    """(local directory, problem) for rank `rank` resuming from checkpoint `step`: locally the
+    directory itself with this rank's share of the files verified; on s3:// a fresh download of only
+    the files this rank loads, verified as they land. problem is None when intact; the caller
+    removes a downloaded directory (it is not step_dir)."""
+    uri = step_dir(storage_root, step)
+    if not storage.is_s3(uri):
+        return uri, verify(storage_root, step, uri, (rank, world))
+    try:
+        manifest = read_manifest(storage_root, step)
+    except Exception as e:
+        return uri, f"manifest unreadable ({e})"
+    problem = missing_ranks(manifest)
+    if problem:
+        return uri, problem
+    local = tempfile.mkdtemp(prefix=f"t5adapt-ckpt-{step}-rank{rank}-")
+    for rel, expected in sorted(manifest["files"].items()):
+        if not needed_by(rel, rank):
+            continue
+        path = os.path.join(local, rel)
+        try:
+            storage.download_file(storage.join(uri, rel), path)
+        except Exception as e:  # a listed object that cannot be read is damage too
+            return local, f"cannot read {rel} ({e})"
+        if os.path.getsize(path) != expected["bytes"] or storage.file_sha256(path) != expected["sha256"]:
+            return local, f"{rel} does not match its checksum"
+    return local, None
 
 
 def _share(files, part: Tuple[int, int]) -> list:
@@ -182,10 +248,17 @@ def newest_intact(storage_root: str, steps: Optional[List[int]] = None,
     """The newest of `steps` (default: the committed ones) that `check` (default: damage) finds
     intact; damaged ones are skipped with a warning. None when there is none."""
     check = check or (lambda step: damage(storage_root, step))
-    for step in committed_steps(storage_root) if steps is None else steps:
+    steps = committed_steps(storage_root) if steps is None else steps
+    for index, step in enumerate(steps):
         problem = check(step)
         if problem is None:
             return step
-        log.warning("checkpoint %s is damaged (%s); falling back to the previous committed one",
-                    step_dir(storage_root, step), problem)
+        warn_skipped(storage_root, step, problem, has_previous=index + 1 < len(steps))
     return None
+
+
+def warn_skipped(storage_root: str, step: int, problem: str, has_previous: bool) -> None:
+    """Say that checkpoint `step` cannot be used, and what happens instead."""
+    instead = "falling back to the previous committed one" if has_previous else \
+        "no intact checkpoint is left: starting from step 0"
+    log.warning("checkpoint %s cannot be used (%s); %s", step_dir(storage_root, step), problem, instead)

@@ -39,7 +39,7 @@ def build_deepspeed_config(cfg) -> Dict[str, Any]:
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum_steps,
         "train_batch_size": cfg.global_batch,
-        "gradient_clipping": cfg.grad_clip,
+        "gradient_clipping": 0.0 if loop_clips(cfg) else cfg.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": cfg.bf16},
         # Our AdamW is torch's; with offload DeepSpeed would insist on its compiled CPU Adam.
@@ -53,6 +53,13 @@ def build_deepspeed_config(cfg) -> Dict[str, Any]:
             raise ValueError(f"train.deepspeed.{path} conflicts with the generated DeepSpeed config: "
                              f"set it through {owner} instead")
     return _merge(ours, cfg.deepspeed)
+
+
+def loop_clips(cfg) -> bool:
+    """ZeRO-0 in fp32: DeepSpeed clips with torch's clip_grad_norm_ but drops the norm it computes,
+    so the loop clips instead (the same operation) and logs grad_norm. Every other setup clips in
+    DeepSpeed's optimizer, which records the norm."""
+    return cfg.zero_stage == 0 and not cfg.bf16
 
 
 def _owner(path: str) -> str:

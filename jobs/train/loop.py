@@ -1,9 +1,11 @@
 """The training loop: one function, top to bottom. Ray Train's per-worker function (worker.py) only
 builds the WorkerContext it reads from.
 
-Per optimizer step: set the lr (schedule + cross-attention warm-up), then for each micro-batch:
-forward, check the loss is finite on every rank, backward; DeepSpeed steps at the accumulation
-boundary. Then maybe_log, maybe_checkpoint. Everything a resumed run needs (step, data position)
+Per optimizer step: set the lr (schedule + cross-attention warm-up), take the step's micro-batches
+and count their target tokens on every rank, then for each micro-batch: forward, backward (the loss
+normalised by that count); before the boundary's step, check the loss is finite on every rank (the
+step's only host sync). Then maybe_log, maybe_checkpoint. Sums for logging stay on the device
+until a log step. Everything a resumed run needs (step, data position)
 comes from the checkpoint, never from the config.
 """
 
@@ -15,9 +17,9 @@ from typing import Callable, Dict, Iterator, List, Optional
 import torch
 
 from jobs.train import checkpoints
-from jobs.core.examples_io import token_losses
+from jobs.core.examples_io import IGNORE, token_losses
 from jobs.train.config import TrainConfig
-from jobs.train.metrics import device_peak_flops, flops_per_example
+from jobs.train.metrics import FlopsModel, device_peak_flops
 from jobs.train.schedule import count_parameters, param_groups, set_learning_rate
 
 log = logging.getLogger("t5adapt.train")
@@ -63,59 +65,74 @@ def train(ctx: WorkerContext, spec: RunSpec) -> dict:
     model = load_model(spec.init_dir, cfg)
     groups = param_groups(model, spec.cross_attn_patterns, cfg.weight_decay)
     warmup = spec.cross_attn_warmup_steps
-    flops = flops_per_example(model, spec.encoder_length, spec.decoder_length)
+    flops = FlopsModel(model)
     # Counted before DeepSpeed replaces each group's params with this rank's flat partition.
     counts = {phase: count_parameters(groups, step, warmup) for phase, step in (("warmup", 0), ("full", warmup))}
     engine, optimizer = build_engine(model, groups, cfg, ctx.world_size)
     state = resume(engine, spec, ctx.rank)
-    peak = device_peak_flops(cfg.peak_tflops_per_device, ctx.device)
-    tracker = RankZeroTracker(spec, ctx, peak, flops) if ctx.rank == 0 else None
+    if state.get("stopped"):
+        return stop(ctx, spec, state, state["stopped"])
+    peak = device_peak_flops(cfg.peak_tflops_per_device, ctx.device, cfg.bf16)
+    padded_flops = float(flops(spec.encoder_length, spec.decoder_length))
+    tracker = RankZeroTracker(spec, ctx, peak, padded_flops) if ctx.rank == 0 else None
     if tracker:
         tracker.started(state, counts["warmup"] if state["step"] < warmup else counts["full"])
+        tracker.tag({"t5adapt.attn_implementation": getattr(model.config, "_attn_implementation", "unknown")})
 
     batches = ctx.micro_batches(state["micro_batches"])
     engine.train()
-    window = Window(len(spec.denoiser_names))
+    window = Window(len(spec.denoiser_names), ctx.device)
     batch = None
-    while state["step"] < cfg.max_steps:
-        step = state["step"]
-        started = time.perf_counter()
-        lr = set_learning_rate(optimizer, step, cfg, warmup)
-        # Any randomness in the step (dropout, if a model has it) is a function of (seed, step, rank),
-        # so a resumed run draws what the uninterrupted one drew.
-        torch.manual_seed(cfg.seed * 1_000_003 + step * 1_009 + ctx.rank)
-        skipped = False
-        for _ in range(cfg.grad_accum_steps):
+    try:
+        while state["step"] < cfg.max_steps:
+            step = state["step"]
+            started = time.perf_counter()
+            lr = set_learning_rate(optimizer, step, cfg, warmup)
+            # Any randomness in the step (dropout, if a model has it) is a function of (seed, step, rank),
+            # so a resumed run draws what the uninterrupted one drew.
+            torch.manual_seed(cfg.seed * 1_000_003 + step * 1_009 + ctx.rank)
             waited = time.perf_counter()
-            batch = {k: v.to(ctx.device) for k, v in next(batches).items()}
+            micro = [{k: v.to(ctx.device, non_blocking=True) for k, v in next(batches).items()}
+                     for _ in range(cfg.grad_accum_steps)]
             window.data_wait_s += time.perf_counter() - waited
-            loss, by_denoiser = forward_loss(engine, batch, len(spec.denoiser_names))
-            finite = all_ranks_finite(loss)
-            if not finite and cfg.on_nonfinite_loss == "stop":
-                # Returned, not raised: Ray would retry an exception from the last checkpoint, and
-                # this would only happen again. Every rank sees the same flag and stops here.
-                return stop(ctx, spec, state, f"loss is not finite at step {step + 1} (micro-batch "
-                            f"{state['micro_batches'] + 1}): lower train.lr, check the data and the initial "
-                            "checkpoint, or set train.on_nonfinite_loss=skip")
-            # A non-finite loss under "skip" still goes backward: its gradients are not finite, and
-            # DeepSpeed's ZeRO optimizer discards any step whose gradient norm is not finite.
-            engine.backward(loss)
+            # DeepSpeed averages gradients over accumulation steps and ranks; scaling each micro-batch's
+            # loss sum by (ranks * accumulation steps / the step's target tokens on all ranks) turns that
+            # mean into the token mean of the whole optimizer step, however the batch is split.
+            normaliser = global_targets(micro, ctx.world_size) / (ctx.world_size * cfg.grad_accum_steps)
+            step_sums = torch.zeros(len(spec.denoiser_names), 2, dtype=torch.float64, device=ctx.device)
+            for index, batch in enumerate(micro):
+                loss, by_denoiser = forward_loss(engine, batch, len(spec.denoiser_names), normaliser)
+                # A non-finite loss still goes backward: under "skip" its gradients are not finite, and
+                # DeepSpeed's ZeRO optimizer discards any step whose gradient norm is not finite.
+                engine.backward(loss)
+                step_sums += by_denoiser
+                window.add_batch(batch, flops)
+                if index == len(micro) - 1:  # before the boundary's engine.step() updates the weights
+                    finite = all_ranks_finite(step_sums[:, 0].sum())  # the step's one host sync
+                    if not finite and cfg.on_nonfinite_loss == "stop":
+                        # Returned, not raised: Ray would retry an exception from the last checkpoint,
+                        # and this would only happen again. Every rank sees the same flag and stops here.
+                        return stop(ctx, spec, state, f"loss is not finite at step {step + 1}: lower train.lr, "
+                                    "check the data and the initial checkpoint, or set "
+                                    "train.on_nonfinite_loss=skip")
+                    window.grad_norm = clip_gradients(engine, cfg)
+                engine.step()
+                state["micro_batches"] += 1
+            state["step"] = step + 1
+            state["skipped_steps"] += int(not finite)
             if finite:
-                window.add(loss.detach(), by_denoiser, batch)
-            else:
-                skipped = True
-            engine.step()
-            state["micro_batches"] += 1
-        state["step"] = step + 1
-        state["skipped_steps"] += int(skipped)
-        window.step_s += time.perf_counter() - started
-        window.steps += 1
-        if step + 1 == warmup and tracker:
-            tracker.phase_change(step + 1, counts["full"])
-        metrics = maybe_log(tracker, window, state, engine, lr, ctx, cfg)
-        maybe_checkpoint(engine, spec, state, batch, ctx, metrics, tracker)
-    if tracker:
-        tracker.finished(state)
+                window.by_denoiser += step_sums
+            window.step_s += time.perf_counter() - started
+            window.steps += 1
+            if step + 1 == warmup and tracker:
+                tracker.phase_change(step + 1, counts["full"])
+            metrics = maybe_log(tracker, window, state, engine, lr, ctx, cfg)
+            maybe_checkpoint(engine, spec, state, batch, ctx, metrics, tracker)
+        if tracker:
+            tracker.finished(state)
+    finally:
+        if tracker:
+            tracker.close()
     return dict(state)
 
 
@@ -153,19 +170,28 @@ def load_model(init_dir: str, cfg: TrainConfig) -> torch.nn.Module:
 
     from jobs.core import storage
 
-    model = AutoModelForSeq2SeqLM.from_pretrained(storage.local_copy(init_dir), dtype=torch.float32)
+    local = storage.local_copy(init_dir)
+    try:
+        # torch's fused attention kernels (flash / memory-efficient on GPU) where the model allows it.
+        model = AutoModelForSeq2SeqLM.from_pretrained(local, dtype=torch.float32, attn_implementation="sdpa")
+    except (ValueError, NotImplementedError) as e:  # a model without an SDPA path
+        log.info("attention: eager (%s)", e)
+        model = AutoModelForSeq2SeqLM.from_pretrained(local, dtype=torch.float32, attn_implementation="eager")
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     return model
 
 
-def forward_loss(engine, batch: dict, num_denoisers: int):
-    """Mean token cross-entropy over decoder targets (padding ignored), and per-denoiser
-    [sum of token losses, token count] (float64, detached) for logging."""
+def forward_loss(engine, batch: dict, num_denoisers: int, normaliser: Optional[torch.Tensor] = None):
+    """(loss, by_denoiser): the sum of the decoder targets' cross-entropies (padding ignored) divided
+    by `normaliser` (default: this batch's target count, i.e. the token mean), and per-denoiser
+    [sum of token losses, token count] (float64, detached, on the batch's device) for logging."""
     token_loss, mask = token_losses(engine, batch)
     labels = batch["labels"]
-    loss = token_loss.sum() / mask.sum().clamp(min=1)
+    if normaliser is None:
+        normaliser = mask.sum().clamp(min=1)
+    loss = token_loss.sum() / normaliser
     with torch.no_grad():
         by_denoiser = torch.zeros(num_denoisers, 2, dtype=torch.float64, device=labels.device)
         by_denoiser[:, 0].index_add_(0, batch["denoiser"], token_loss.detach().sum(1).double())
@@ -173,31 +199,56 @@ def forward_loss(engine, batch: dict, num_denoisers: int):
     return loss, by_denoiser
 
 
-def all_ranks_finite(loss: torch.Tensor) -> bool:
+def global_targets(micro: List[dict], world_size: int) -> torch.Tensor:
+    """Decoder target tokens of one optimizer step on every rank (float64 scalar on the device, at
+    least 1); one all-reduce, no host sync."""
     import torch.distributed as dist
 
-    flag = torch.tensor([float(torch.isfinite(loss.detach()).item())], device=loss.device)
+    count = sum((batch["labels"] != IGNORE).sum() for batch in micro).double()
+    if world_size > 1:
+        dist.all_reduce(count)
+    return count.clamp(min=1)
+
+
+def all_ranks_finite(value: torch.Tensor) -> bool:
+    """Whether `value` is finite on every rank (one all-reduce and one host sync)."""
+    import torch.distributed as dist
+
+    flag = torch.isfinite(value.detach()).to(torch.float32).reshape(1)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
 
 
-class Window:
-    """Sums since the last log line, reduced across ranks when logged."""
+def clip_gradients(engine, cfg: TrainConfig) -> Optional[torch.Tensor]:
+    """Where the loop clips (ZeRO-0 in fp32, see deepspeed_config.loop_clips): clip the reduced
+    gradients to train.grad_clip and return their global norm (a device tensor, not synced).
+    Elsewhere DeepSpeed clips and records the norm itself: None."""
+    from jobs.train.deepspeed_config import loop_clips
 
-    def __init__(self, num_denoisers: int):
-        self.num_denoisers = num_denoisers
+    if not loop_clips(cfg):
+        return None
+    params = [p for p in engine.module.parameters() if p.grad is not None]
+    if cfg.grad_clip > 0:
+        return torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    return torch.nn.utils.get_total_norm([p.grad for p in params])
+
+
+class Window:
+    """Sums since the last log line, on the device until logged (no host sync per step)."""
+
+    def __init__(self, num_denoisers: int, device: torch.device):
+        self.num_denoisers, self.device = num_denoisers, device
         self.reset()
 
     def reset(self):
-        self.loss_sum, self.micro, self.steps, self.step_s, self.data_wait_s, self.tokens = 0.0, 0, 0, 0.0, 0.0, 0
-        self.examples = 0
-        self.by_denoiser = torch.zeros(self.num_denoisers, 2, dtype=torch.float64)
+        self.steps, self.step_s, self.data_wait_s, self.examples = 0, 0.0, 0.0, 0
+        self.by_denoiser = torch.zeros(self.num_denoisers, 2, dtype=torch.float64, device=self.device)
+        self.real = torch.zeros(2, dtype=torch.float64, device=self.device)  # [real tokens, FLOPs at real lengths]
+        self.grad_norm = None
 
-    def add(self, loss, by_denoiser, batch):
-        self.loss_sum += float(loss)
-        self.micro += 1
-        self.by_denoiser += by_denoiser.cpu()
-        self.tokens += int(batch["attention_mask"].sum() + batch["decoder_attention_mask"].sum())
+    def add_batch(self, batch: dict, flops: FlopsModel):
+        encoder, decoder = batch["attention_mask"].sum(1).double(), batch["decoder_attention_mask"].sum(1).double()
+        self.real += torch.stack([(encoder + decoder).sum(), flops(encoder, decoder).sum()])
         self.examples += batch["input_ids"].shape[0]
 
 
@@ -208,19 +259,21 @@ def maybe_log(tracker, window: Window, state: dict, engine, lr: float, ctx: Work
     step = state["step"]
     if step % cfg.log_every_steps and step != cfg.max_steps:
         return {}
-    sums = torch.tensor([window.loss_sum, window.micro, window.tokens, window.examples, window.data_wait_s,
-                         window.step_s], dtype=torch.float64)
-    packed = torch.cat([sums, window.by_denoiser.flatten()]).to(ctx.device)
+    host = torch.tensor([window.examples, window.data_wait_s, window.step_s], dtype=torch.float64, device=ctx.device)
+    packed = torch.cat([host, window.real, window.by_denoiser.flatten()])
     dist.all_reduce(packed)
-    packed = packed.cpu()
-    loss_sum, micro, tokens, examples, wait_s, step_s = packed[:6].tolist()
-    by_denoiser = packed[6:].view(-1, 2)
-    grad_norm = engine.get_global_grad_norm()
+    packed = packed.cpu()  # the one sync of a log step
+    examples, wait_s, step_s, real_tokens, real_flops = packed[:5].tolist()
+    by_denoiser = packed[5:].view(-1, 2)
     step_s /= ctx.world_size  # every rank timed the same steps
-    metrics = {"loss": loss_sum / max(micro, 1), "lr": lr, "step_time_s": step_s / max(window.steps, 1),
-               "tokens_per_s": tokens / max(step_s, 1e-9), "examples_per_s": examples / max(step_s, 1e-9),
+    loss_sum, targets = by_denoiser.sum(0).tolist()
+    metrics = {"loss": loss_sum / targets if targets else float("nan"), "lr": lr,
+               "step_time_s": step_s / max(window.steps, 1), "tokens_per_s": real_tokens / max(step_s, 1e-9),
+               "examples_per_s": examples / max(step_s, 1e-9),
+               "model_tflops_per_s_real": real_flops / max(step_s, 1e-9) / 1e12,
                "data_wait_fraction": wait_s / ctx.world_size / max(step_s, 1e-9),
                "skipped_steps": state["skipped_steps"]}
+    grad_norm = window.grad_norm if window.grad_norm is not None else engine.get_global_grad_norm()
     if grad_norm is not None:
         metrics["grad_norm"] = float(grad_norm)
     if tracker:
@@ -291,8 +344,8 @@ def probe_logits(engine, batch: dict) -> dict:
 
 
 def resume(engine, spec: RunSpec, rank: int) -> dict:
-    """Load the newest intact checkpoint into the engine; returns the trainer state to go on from."""
-    import json
+    """Load the newest checkpoint that every rank finds intact and loadable into the engine; returns
+    the trainer state to go on from (step 0 when none is left)."""
     import shutil
 
     import torch.distributed as dist
@@ -300,26 +353,56 @@ def resume(engine, spec: RunSpec, rank: int) -> dict:
     world = dist.get_world_size()
     listed = [checkpoints.committed_steps(spec.storage) if rank == 0 else None]
     dist.broadcast_object_list(listed, src=0)  # one listing, so every rank walks the same steps
+    fresh = {"step": 0, "micro_batches": 0, "skipped_steps": 0, "resumed_from": None}
+    loads_failed = []
 
-    def check_together(candidate: int):
-        """Each rank hashes its share of the files, so no rank waits on one that hashes them all."""
+    def agreed(problem: Optional[str]) -> Optional[str]:
         problems = [None] * world
-        dist.all_gather_object(problems, checkpoints.damage(spec.storage, candidate, (rank, world)))
+        dist.all_gather_object(problems, problem)
         return next((p for p in problems if p), None)
 
-    step = checkpoints.newest_intact(spec.storage, listed[0], check_together)
-    if step is None:
-        return {"step": 0, "micro_batches": 0, "skipped_steps": 0, "resumed_from": None}
-    local = checkpoints.fetch(spec.storage, step)
+    for index, step in enumerate(listed[0]):
+        local, problem = checkpoints.fetch_for_resume(spec.storage, step, rank, world)
+        try:
+            problem = agreed(problem)
+            if problem is None:
+                # A file can match its checksum and still not load (written by another DeepSpeed, a
+                # different model): that is as unusable as a damaged one.
+                state = _load(engine, local)
+                problem = agreed(None if isinstance(state, dict) else state)
+                if problem:
+                    loads_failed.append(step)
+        finally:
+            if local != checkpoints.step_dir(spec.storage, step):
+                shutil.rmtree(local, ignore_errors=True)
+        if problem is None:
+            state["resumed_from"] = step
+            log.info("rank %d resumed from checkpoint step %d (data position %d)", rank, step, state["micro_batches"])
+            return state
+        if rank == 0:
+            checkpoints.warn_skipped(spec.storage, step, problem, has_previous=index + 1 < len(listed[0]))
+    if loads_failed:
+        # A failed load may have overwritten part of the engine's weights: step 0 from here would
+        # not be the initial model.
+        return dict(fresh, stopped=f"no checkpoint in {checkpoints.folder(spec.storage)} could be used (steps "
+                    f"{', '.join(map(str, loads_failed))} did not load): delete that folder, or run again with "
+                    "--force, to start from step 0")
+    if listed[0] and rank == 0:
+        log.warning("starting from step 0: none of the checkpoints in %s could be used",
+                    checkpoints.folder(spec.storage))
+    return fresh
+
+
+def _load(engine, local: str):
+    """The trainer state of the checkpoint in `local` after loading it into the engine, or a
+    string saying why it could not be loaded."""
+    import json
+
     try:
         loaded, _ = engine.load_checkpoint(local, tag=checkpoints.DS_TAG)
         if loaded is None:  # DeepSpeed returns instead of raising when its model file is missing
-            raise RuntimeError(f"DeepSpeed found no model state in {local}/{checkpoints.DS_TAG}")
+            return f"DeepSpeed found no model state in {local}/{checkpoints.DS_TAG}"
         with open(f"{local}/{checkpoints.STATE}") as f:
-            state = json.load(f)
-    finally:
-        if local != checkpoints.step_dir(spec.storage, step):
-            shutil.rmtree(local, ignore_errors=True)
-    state["resumed_from"] = step
-    log.info("rank %d resumed from checkpoint step %d (data position %d)", rank, step, state["micro_batches"])
-    return state
+            return json.load(f)
+    except Exception as e:  # noqa: BLE001 - any failure to load means: use an older checkpoint
+        return f"it does not load ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"

@@ -1,6 +1,9 @@
 """Throughput and MFU: FLOPs per example from the model's shape, and the device's peak.
 
-MFU = (training FLOPs per example * examples per second) / (peak FLOP/s per device * devices), with
+MFU = (training FLOPs per second) / (peak FLOP/s per device * devices), reported twice: "mfu" counts
+every example at its padded lengths (the work the device does), "mfu_real" at its real lengths (the
+useful part; padding is waste). The peak is the training precision's (bf16 only when training in
+bf16). Training FLOPs per example:
 
   training FLOPs per example = 6 * (N_enc * L_enc + (N_dec + N_head) * L_dec + N_kv * L_enc)
                              + 12 * d_attn * (layers_enc * L_enc^2 + layers_dec * L_dec * (L_dec + L_enc))
@@ -22,67 +25,92 @@ from typing import Dict, Optional
 
 import torch
 
-# Dense bf16 peak per device in TFLOP/s, from the vendors' datasheets; matched on the CUDA name.
+# Dense peak per device in TFLOP/s, from the vendors' datasheets; matched on the CUDA name. bf16:
+# tensor cores without sparsity; fp32: the non-tensor-core rate (torch leaves TF32 off for matmuls).
 # Most specific names first: "L40S" before "L40" before "L4".
-GPU_PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0,
-                   "L40": 181.0, "L4": 121.0, "A10G": 70.0}
+GPU_PEAK_TFLOPS = {
+    "bf16": {"H200": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0,
+             "L40": 181.0, "L4": 121.0, "A10G": 70.0},
+    "fp32": {"H200": 67.0, "H100 PCIe": 51.0, "H100 NVL": 60.0, "H100": 67.0, "A100": 19.5, "L40S": 91.6,
+             "L40": 90.5, "L4": 30.3, "A10G": 31.2},
+}
 
 
 def _text(config):
     return getattr(config, "text_config", None) or config
 
 
+class FlopsModel:
+    """Training FLOPs of one example as a function of its encoder and decoder lengths (see the
+    module docstring): a * L_enc + b * L_dec + c * L_enc^2 + d * L_dec * (L_dec + L_enc). Called with
+    padded lengths it is the work the device does; with each example's real lengths (tensors of
+    shape [batch]) it is the useful part of it."""
+
+    def __init__(self, model: torch.nn.Module):
+        reads_encoder = _kv_reading_encoder(model)
+        per_encoder, per_decoder, seen = 0, 0, set()
+        for name, param in model.named_parameters():
+            if id(param) in seen or "embed" in name or "lm_head" in name:
+                continue
+            seen.add(id(param))
+            if id(param) in reads_encoder:  # the decoder's K/V over encoder positions (and its own, if merged)
+                per_encoder += param.numel()
+                per_decoder += param.numel() if reads_encoder[id(param)] else 0
+            elif ".encoder." in f".{name}":
+                per_encoder += param.numel()
+            else:
+                per_decoder += param.numel()
+        encoder, decoder = _text(model.config.encoder), _text(model.config.decoder)
+        per_decoder += decoder.vocab_size * decoder.hidden_size  # the output projection
+        self.per_encoder_token, self.per_decoder_token = 6.0 * per_encoder, 6.0 * per_decoder
+        self.encoder_attention = 12.0 * encoder.num_hidden_layers * encoder.num_attention_heads * encoder.head_dim
+        self.decoder_attention = 12.0 * decoder.num_hidden_layers * decoder.num_attention_heads * decoder.head_dim
+
+    def __call__(self, encoder_length, decoder_length):
+        return (self.per_encoder_token * encoder_length + self.per_decoder_token * decoder_length
+                + self.encoder_attention * encoder_length ** 2
+                + self.decoder_attention * decoder_length * (decoder_length + encoder_length))
+
+
 def flops_per_example(model: torch.nn.Module, encoder_length: int, decoder_length: int) -> float:
     """Training FLOPs (forward + backward) for one padded example; see the module docstring."""
-    positions = _encoder_reading_kv(model, encoder_length, decoder_length)
-    dense = 0
-    seen = set()
-    for name, param in model.named_parameters():
-        if id(param) in seen or "embed" in name or "lm_head" in name:
-            continue
-        seen.add(id(param))
-        default = encoder_length if ".encoder." in f".{name}" else decoder_length
-        dense += 6 * param.numel() * positions.get(id(param), default)
-    encoder, decoder = _text(model.config.encoder), _text(model.config.decoder)
-    dense += 6 * decoder.vocab_size * decoder.hidden_size * decoder_length  # the output projection
-    d_enc = encoder.num_attention_heads * encoder.head_dim
-    d_dec = decoder.num_attention_heads * decoder.head_dim
-    attention = 12 * (encoder.num_hidden_layers * d_enc * encoder_length ** 2
-                      + decoder.num_hidden_layers * d_dec * decoder_length * (decoder_length + encoder_length))
-    return float(dense + attention)
+    return float(FlopsModel(model)(encoder_length, decoder_length))
 
 
-def _encoder_reading_kv(model: torch.nn.Module, encoder_length: int, decoder_length: int) -> Dict[int, int]:
-    """id(param) -> positions per example, for the decoder's key/value projections that read the
-    encoder's output (the other parameters see their own stack's length)."""
-    positions = {}
+def _kv_reading_encoder(model: torch.nn.Module) -> Dict[int, bool]:
+    """id(param) -> whether it also projects decoder positions, for the decoder's key/value
+    projections that read the encoder's output."""
+    found = {}
     for name, module in model.named_modules():
         merged = type(module).__name__.endswith("MergedAttention")  # T5Gemma 2: encoder + decoder positions
         if merged or name.endswith("cross_attn"):  # T5Gemma: encoder positions only
             for projection in (module.k_proj, module.v_proj):
                 for param in projection.parameters():
-                    positions[id(param)] = encoder_length + (decoder_length if merged else 0)
-    return positions
+                    found[id(param)] = merged
+    return found
 
 
-def device_peak_flops(configured_tflops: Optional[float], device: torch.device) -> Dict[str, object]:
-    """{"flops": peak FLOP/s of one device, "source": where the number comes from}."""
+def device_peak_flops(configured_tflops: Optional[float], device: torch.device, bf16: bool) -> Dict[str, object]:
+    """{"flops": peak FLOP/s of one device in the training precision, "source": where it comes from}."""
+    precision = "bf16" if bf16 else "fp32"
     if configured_tflops:
         return {"flops": configured_tflops * 1e12, "source": "train.peak_tflops_per_device"}
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, tflops in GPU_PEAK_TFLOPS.items():
+        for key, tflops in GPU_PEAK_TFLOPS[precision].items():
             if key in name:
-                return {"flops": tflops * 1e12, "source": f"datasheet bf16 dense ({name})"}
+                return {"flops": tflops * 1e12, "source": f"datasheet {precision} dense ({name})"}
         return {"flops": float("nan"), "source": f"unknown GPU {name}: set train.peak_tflops_per_device"}
-    return {"flops": measured_matmul_flops(), "source": f"measured fp32 matmul ({torch.get_num_threads()} threads)"}
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    return {"flops": measured_matmul_flops(dtype=dtype),
+            "source": f"measured {precision} matmul ({torch.get_num_threads()} threads)"}
 
 
-def measured_matmul_flops(size: int = 512, seconds: float = 0.3) -> float:
-    """FLOP/s of repeated square fp32 matmuls on this process's threads: CPUs have no datasheet
+def measured_matmul_flops(size: int = 512, seconds: float = 0.3, dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of repeated square matmuls in `dtype` on this process's threads: CPUs have no datasheet
     figure that fits a worker's share of a machine, so MFU on CPU is relative to this rate."""
-    a = torch.randn(size, size)
-    b = torch.randn(size, size)
+    a = torch.randn(size, size, dtype=dtype)
+    b = torch.randn(size, size, dtype=dtype)
     torch.mm(a, b)
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:

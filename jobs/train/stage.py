@@ -18,10 +18,10 @@ import time
 from typing import Optional
 
 from jobs.core import storage
+from jobs.core.commits import COMMIT_MARKER
 from jobs.core.errors import RunFailed, UserError
 from jobs.train import checkpoints
 from jobs.core.examples_io import denoiser_names, read_metadata
-from jobs.train.batches import ingest_options, rank_datasets
 from jobs.train.config import TrainConfig
 from jobs.train.loop import STOPPED, RunSpec
 
@@ -33,9 +33,8 @@ _FORWARDED_ENV = ("T5ADAPT_CACHE", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AW
 
 
 def cpus_needed(cfg: TrainConfig) -> float:
-    """Ray CPUs training takes: its workers, plus one for Ray Data's readers (without it the readers
-    wait forever behind the workers that wait for their data)."""
-    return cfg.num_workers * cfg.cpus_per_worker + 1
+    """Ray CPUs training takes: its workers (each reads its own data in a thread; see batches.py)."""
+    return cfg.num_workers * cfg.cpus_per_worker
 
 
 def start_ray(cfg: TrainConfig) -> None:
@@ -48,7 +47,7 @@ def start_ray(cfg: TrainConfig) -> None:
     available = ray.cluster_resources().get("CPU", 0)
     if available < cpus_needed(cfg):
         raise UserError(f"the Ray cluster has {available:g} CPUs; training needs train.num_workers x "
-                        f"train.cpus_per_worker = {cfg.num_workers} x {cfg.cpus_per_worker:g} plus 1 for data loading: "
+                        f"train.cpus_per_worker = {cfg.num_workers} x {cfg.cpus_per_worker:g}: "
                         "lower those, or add nodes")
 
 
@@ -69,34 +68,80 @@ def run_train(cfg: TrainConfig, data_dir: str, init_dir: str, storage_root: str,
     if cfg.heldout_examples and not (metadata.get("heldout") or {}).get("examples"):
         raise UserError(f"train.heldout_examples={cfg.heldout_examples} but {data_dir} has no held-out examples: "
                         "raise data.heldout_fraction, or set train.heldout_examples=0")
-    check_previous_checkpoints(storage_root, key, force)
-    start_ray(cfg)
     if not storage.is_s3(storage_root):
         os.makedirs(storage_root, exist_ok=True)
-    spec = _spec(cfg, data_dir, init_dir, storage_root, metadata, adapt_info, key, tracking_uri, mlflow_run_id)
-    if mlflow_run_id:
-        from mlflow.tracking import MlflowClient
+    with training_lock(storage_root):
+        check_previous_checkpoints(storage_root, key, force)
+        check_world_size(storage_root, cfg, force)
+        start_ray(cfg)
+        spec = _spec(cfg, data_dir, init_dir, storage_root, metadata, adapt_info, key, tracking_uri, mlflow_run_id)
+        if mlflow_run_id:
+            from mlflow.tracking import MlflowClient
 
-        MlflowClient(tracking_uri).log_param(mlflow_run_id, "resolved.cross_attn_warmup_steps", spec.cross_attn_warmup_steps)
-    # Verifying a checkpoint re-reads (for s3://, downloads) every file, so it happens once: here
-    # only if the run looks finished already (the workers verify what they resume from), then after
-    # training; the export trusts that verification.
-    committed = checkpoints.committed_steps(storage_root)
-    final = checkpoints.newest_intact(storage_root) if committed and committed[0] >= cfg.max_steps else None
-    if final is None or final < cfg.max_steps:
-        _fit(cfg, data_dir, storage_root, spec, metadata, key, callbacks or [])
-        final = checkpoints.newest_intact(storage_root)
-    if final is None or final < cfg.max_steps:
-        raise RunFailed(f"training ended without an intact checkpoint of step {cfg.max_steps} in "
-                        f"{checkpoints.folder(storage_root)} (newest intact: {final}); re-run to resume")
-    from jobs.train.export import export
+            MlflowClient(tracking_uri).log_param(mlflow_run_id, "resolved.cross_attn_warmup_steps",
+                                                 spec.cross_attn_warmup_steps)
+        # The driver reads a checkpoint once: export downloads (for s3://) and verifies the final one.
+        # The workers verify what they resume from, so a damaged final checkpoint is trained again.
+        for attempt in range(2):
+            committed = checkpoints.committed_steps(storage_root)
+            if not committed or committed[0] < cfg.max_steps:
+                _fit(cfg, data_dir, storage_root, spec, metadata, key, callbacks or [])
+                committed = checkpoints.committed_steps(storage_root)
+            final = committed[0] if committed else None
+            if final is None or final < cfg.max_steps:
+                raise RunFailed(f"training ended without a committed checkpoint of step {cfg.max_steps} in "
+                                f"{checkpoints.folder(storage_root)} (newest: {final}); re-run to resume")
+            from jobs.train.export import export
 
-    model = storage.join(storage_root, MODEL)
-    print(f"train: consolidating checkpoint step {final} into {model}", flush=True)
-    info = export(storage_root, final, init_dir, model, key, verified=True)
+            model = storage.join(storage_root, MODEL)
+            print(f"train: consolidating checkpoint step {final} into {model}", flush=True)
+            try:
+                info = export(storage_root, final, init_dir, model, key)
+                break
+            except checkpoints.DamagedCheckpoint as e:
+                if attempt:
+                    raise RunFailed(f"training ended with a damaged final checkpoint ({e}); re-run to resume") from None
+                log.warning("%s: training again from the newest intact checkpoint before it", e)
+                storage.delete_file(storage.join(checkpoints.step_dir(storage_root, final), COMMIT_MARKER))
     tokens = final * cfg.global_batch * (metadata["encoder_length"] + metadata["decoder_length"])
     return {"step": final, "model": model, "probe_max_abs_diff": info.get("probe_max_abs_diff"),
             "storage": storage_root, "tokens_seen_padded": tokens}
+
+
+@contextlib.contextmanager
+def training_lock(storage_root: str):
+    """Hold STORAGE/checkpoints.lock while training: a second driver on the same storage is refused
+    (two would write the same checkpoints), naming who holds it."""
+    from jobs.core.locks import StageLock, describe_holder
+
+    lock = StageLock(checkpoints.folder(storage_root), info="training")
+    holder = lock.try_acquire()
+    if holder is not None:
+        raise UserError(f"{checkpoints.folder(storage_root)} is being trained by {describe_holder(holder)}: wait "
+                        "for it to finish, or stop it (a dead holder's lock is taken over when its lease ends)")
+    try:
+        yield
+        lock.check()
+    finally:
+        lock.release()
+
+
+def check_world_size(storage_root: str, cfg: TrainConfig, force: bool) -> None:
+    """Resuming needs the world size the checkpoints were saved with: DeepSpeed's ZeRO partitions and
+    each rank's rows and data position belong to it. force: delete checkpoints of another one."""
+    for step in checkpoints.committed_steps(storage_root):
+        try:
+            saved = checkpoints.read_manifest(storage_root, step).get("world_size")
+        except Exception:  # a damaged manifest: resume skips that checkpoint
+            continue
+        if saved is not None and saved != cfg.num_workers and force:
+            log.warning("--force: deleting the checkpoints of %d workers in %s", saved, checkpoints.folder(storage_root))
+            storage.delete_tree(checkpoints.folder(storage_root))
+        elif saved is not None and saved != cfg.num_workers:
+            raise UserError(f"the checkpoints in {checkpoints.folder(storage_root)} were saved by {saved} workers "
+                            f"(step {step}); train.num_workers={cfg.num_workers} cannot resume them: set "
+                            f"train.num_workers={saved}, or pass --force to delete them and start over")
+        return
 
 
 def advise(cfg) -> None:
@@ -109,9 +154,7 @@ def advise(cfg) -> None:
 
 def check_compatible(metadata: dict, data_dir: str, init_dir: str) -> None:
     """The data must speak the model's vocabulary, with the sentinels the model was exported with."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(storage.local_copy(init_dir))
+    config = read_model_config(init_dir)
     decoder = getattr(config.decoder, "text_config", None) or config.decoder
     if metadata["vocab_size"] > decoder.vocab_size:
         raise UserError(f"{data_dir} was tokenized with {metadata['tokenizer']} ({metadata['vocab_size']} tokens), "
@@ -123,6 +166,18 @@ def check_compatible(metadata: dict, data_dir: str, init_dir: str) -> None:
         raise UserError(f"{data_dir} uses sentinel ids {metadata['sentinel_ids'][:4]}..., but {init_dir} "
                         f"was exported with {recorded['sentinel_ids'][:4]}...: prepare and adapt from the same "
                         "tokenizer (data.tokenizer, adapt.source)")
+
+
+def read_model_config(model_dir: str):
+    """The transformers config of a checkpoint directory (local or s3://), reading only config.json."""
+    import tempfile
+
+    from transformers import AutoConfig
+
+    with tempfile.TemporaryDirectory(prefix="t5adapt-config-") as scratch:
+        with open(os.path.join(scratch, "config.json"), "w") as f:
+            f.write(storage.read_text(storage.join(model_dir, "config.json")))
+        return AutoConfig.from_pretrained(scratch)
 
 
 def check_readable(data_dir: str, metadata: dict) -> None:
@@ -155,8 +210,9 @@ def check_previous_checkpoints(storage_root: str, config_hash: str, force: bool)
         return
     if not force:
         raise UserError(f"{checkpoints.folder(storage_root)} holds checkpoints of another training config "
-                        f"(hash {made_from}, this one is {config_hash}): use another train.storage, or pass "
-                        "--force to delete them and start over")
+                        f"(train key {made_from}, this one is {config_hash}): train into another storage (the controller "
+                        "puts each train key in its own STORE/train-<key>), or pass --force to delete them and "
+                        "start over")
     log.warning("--force: deleting the checkpoints of another config in %s", checkpoints.folder(storage_root))
     storage.delete_tree(checkpoints.folder(storage_root))
     storage.delete_tree(storage.join(storage_root, "export"))
@@ -184,7 +240,7 @@ def _spec(cfg: TrainConfig, data_dir: str, init_dir: str, storage_root: str, met
 def _fit(cfg: TrainConfig, data_dir: str, storage_root: str, spec: RunSpec, metadata: dict, key: str,
          callbacks: list) -> None:
     import ray.train
-    from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from jobs.train.batches import batches_per_epoch
@@ -201,9 +257,7 @@ def _fit(cfg: TrainConfig, data_dir: str, storage_root: str, spec: RunSpec, meta
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         # Named by the stage key, never a timestamp: a re-run finds the same Ray Train run.
         run_config=RunConfig(name=f"train-{key}", storage_path=ray_storage, storage_filesystem=filesystem,
-                             failure_config=FailureConfig(max_failures=cfg.max_failures), callbacks=callbacks),
-        datasets=rank_datasets(data_dir, metadata, cfg.num_workers),
-        dataset_config=DataConfig(datasets_to_split=[], execution_options=ingest_options()))
+                             failure_config=FailureConfig(max_failures=cfg.max_failures), callbacks=callbacks))
     stopped = storage.join(storage_root, STOPPED)
     storage.delete_file(stopped)
     started = time.time()
@@ -238,16 +292,22 @@ def progress_bar(spec: RunSpec, total_steps: int):
         with progress(total=total_steps, desc="train", unit="step") as bar:
             while not done.wait(2.0):
                 try:
-                    metrics = client.get_run(spec.mlflow_run_id).data.metrics
+                    data = client.get_run(spec.mlflow_run_id).data
                 except Exception:  # a busy store: try again on the next tick
                     continue
-                if "loss" in metrics:
-                    step = max(m.step for m in client.get_metric_history(spec.mlflow_run_id, "loss"))
+                # The tag is where the current attempt is (a restart from an older checkpoint goes
+                # back); the metrics' history also holds earlier attempts.
+                step = data.tags.get("t5adapt.step")
+                if step is None:
+                    continue
+                if "loss" in data.metrics:
                     # The postfix rides on the next refresh, which update() paces (a line every few
                     # seconds when output is not a terminal), instead of forcing one every tick.
-                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", tokens_per_s=f"{metrics.get('tokens_per_s', 0):.0f}",
-                                    refresh=False)
-                    bar.update(max(0, step - bar.n))
+                    bar.set_postfix(loss=f"{data.metrics['loss']:.3f}",
+                                    tokens_per_s=f"{data.metrics.get('tokens_per_s', 0):.0f}", refresh=False)
+                if int(step) < bar.n:
+                    bar.reset(total=total_steps)
+                bar.update(int(step) - bar.n)
 
     thread = threading.Thread(target=follow, daemon=True)
     thread.start()

@@ -13,7 +13,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import torch
 
-    from jobs.core.examples_io import make_collate
+    from jobs.core.examples_io import make_collate, read_metadata
     from jobs.train import batches
     from jobs.train.loop import WorkerContext, train
 
@@ -27,12 +27,14 @@ def train_loop_per_worker(config: dict) -> None:
     else:
         device = torch.device("cpu")
         torch.set_num_threads(max(1, int(spec.train.cpus_per_worker)))
-    shard = ray.train.get_dataset_shard(f"train_rank{rank}")
-    per_epoch = batches.batches_per_epoch(spec.num_examples, world, spec.train.micro_batch_size, spec.storage)
+    first, end = batches.rank_rows(spec.num_examples, rank, world)
+    reader = batches.RankReader(spec.data_dir, read_metadata(spec.data_dir), first, end)
+    per_epoch = batches.batches_per_epoch(spec.num_examples, world, spec.train.micro_batch_size, spec.data_dir)
     collate = make_collate(spec.encoder_length, spec.decoder_length, spec.pad_id)
 
     def micro_batches(start: int):
-        return batches.micro_batches(shard, start, per_epoch, spec.train.micro_batch_size, collate)
+        return batches.micro_batches(reader, start, per_epoch, spec.train.micro_batch_size, spec.train.seed, rank,
+                                     collate)
 
     train(WorkerContext(rank=rank, world_size=world, device=device, micro_batches=micro_batches,
                         report=lambda metrics: ray.train.report(metrics)), spec)
