@@ -9,9 +9,10 @@ target, micro-batch --micro-batch. The loss is the mean token cross-entropy (as 
 forward_loss); gradients are cleared between steps; no optimizer step.
 Each variant runs in its own spawned process. Peak RSS: the largest resident set sampled every 5 ms
 (/proc/self/statm) during any step's forward, and during any whole step; loading the model does not
-count. s/step: median of the steps after the first.
+count. Time: median over the steps after the first, wall-clock and CPU seconds (all threads; on a
+shared machine CPU time is the steadier of the two, as waiting for a core does not count).
 
-Run: .venv/bin/python bench/chunked_loss.py [--steps 3] [--micro-batch 2] [--chunks 1024,128]
+Run: .venv/bin/python bench/chunked_loss.py [--steps 2] [--micro-batch 2] [--chunks 1024,128]
 """
 
 import argparse
@@ -60,9 +61,9 @@ class PeakRss:
 
 
 def measure(chunk_tokens, steps: int, micro_batch: int, threads: int) -> dict:
-    """{"step_s": [seconds per forward + backward], "forward_peak_bytes", "peak_bytes": the largest
-    RSS during any step's forward, during any whole step} of one variant: token_losses when
-    chunk_tokens is None, else chunked_token_losses(chunk_tokens)."""
+    """{"step_s", "cpu_s": [wall-clock, CPU seconds per forward + backward], "forward_peak_bytes",
+    "peak_bytes": the largest RSS during any step's forward, during any whole step} of one variant:
+    token_losses when chunk_tokens is None, else chunked_token_losses(chunk_tokens)."""
     from transformers import AutoModelForSeq2SeqLM
 
     from jobs.core.examples_io import token_losses
@@ -77,11 +78,11 @@ def measure(chunk_tokens, steps: int, micro_batch: int, threads: int) -> dict:
     ones = lambda length: torch.ones(micro_batch, length, dtype=torch.long)
     batch = {"input_ids": ids(512), "attention_mask": ones(512), "decoder_input_ids": ids(256),
              "decoder_attention_mask": ones(256), "labels": ids(256)}
-    times, forward_peaks, peaks = [], [], []
+    times, cpu_times, forward_peaks, peaks = [], [], [], []
     with PeakRss() as rss:
         for _ in range(steps):
             rss.reset()
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             if chunk_tokens is None:
                 token_loss, mask = token_losses(model, batch)
             else:
@@ -89,10 +90,11 @@ def measure(chunk_tokens, steps: int, micro_batch: int, threads: int) -> dict:
             forward_peaks.append(rss.peak_bytes)
             (token_loss.sum() / mask.sum()).backward()
             times.append(time.perf_counter() - started)
+            cpu_times.append(time.process_time() - cpu_started)
             peaks.append(rss.peak_bytes)
             del token_loss, mask
             model.zero_grad(set_to_none=True)
-    return {"step_s": times, "forward_peak_bytes": max(forward_peaks), "peak_bytes": max(peaks)}
+    return {"step_s": times, "cpu_s": cpu_times, "forward_peak_bytes": max(forward_peaks), "peak_bytes": max(peaks)}
 
 
 def in_own_process(*args) -> dict:
@@ -113,28 +115,31 @@ def ensure_model() -> None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--micro-batch", type=int, default=2)
     parser.add_argument("--chunks", default="1024,128", help="chunk_tokens values to time (1024 is "
                         "the default; with micro-batch 2 that is one chunk)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    if args.steps < 2:
+        parser.error("--steps must be at least 2: the first step (allocations, page faults) is not timed")
 
     ensure_model()
     variants = [("token_losses (full logits)", None)]
     variants += [(f"chunked, chunk_tokens={c}", int(c)) for c in args.chunks.split(",")]
     results = [(name, in_own_process(chunk, args.steps, args.micro_batch, args.threads)) for name, chunk in variants]
 
-    steady = lambda r: statistics.median(r["step_s"][1:])
+    steady = lambda r, key="cpu_s": statistics.median(r[key][1:])
     full = results[0][1]
+    timed = "step 2" if args.steps == 2 else f"median of steps 2-{args.steps}"
     print(f"\nreal T5Gemma 2 270M-270M (Gemma 3 270M from a Q4_K_M GGUF, dequantised to fp32), CPU, "
           f"{args.threads} threads; micro-batch {args.micro_batch}, encoder 512 + decoder 256 tokens "
-          f"({args.micro_batch * 256} targets), vocab 262,144; forward + backward, median of steps 2-{args.steps}:")
-    print(f"{'':<28} {'s/step':>7} {'vs full':>8} {'forward peak RSS':>17} {'vs full':>8} "
+          f"({args.micro_batch * 256} targets), vocab 262,144; forward + backward, {timed}:")
+    print(f"{'':<28} {'wall s':>7} {'CPU s':>7} {'vs full':>8} {'forward peak RSS':>17} {'vs full':>8} "
           f"{'step peak RSS':>14} {'vs full':>8}")
     for name, r in results:
         forward, step = r["forward_peak_bytes"], r["peak_bytes"]
-        print(f"{name:<28} {steady(r):>7.2f} {steady(r) / steady(full):>7.2f}x "
+        print(f"{name:<28} {steady(r, 'step_s'):>7.1f} {steady(r):>7.1f} {steady(r) / steady(full):>7.2f}x "
               f"{forward / GIB:>13.2f} GiB {forward / full['forward_peak_bytes']:>7.2f}x "
               f"{step / GIB:>10.2f} GiB {step / full['peak_bytes']:>7.2f}x")
 

@@ -65,6 +65,7 @@ def run(job, root: str, wanted=STAGES, outputs: Optional[Dict[str, str]] = None,
     denoising = keys.denoising_plan(job)
     stages = keys.plan_stages(job, root, denoising, outputs)
     run_key = keys.run_key(job, stages)
+    say_train_changes(job, os.path.join(root, job.name), stages["train"], say)
     ledger = Ledger.open(os.path.join(root, job.name), to_yaml(job), run_key, stages)
     ledger.set(pairing=pairing(job))
     current = Run(job, root, stages, denoising, ledger, run_key, say=say, mlflow_parent=mlflow_parent,
@@ -84,6 +85,29 @@ def run(job, root: str, wanted=STAGES, outputs: Optional[Dict[str, str]] = None,
     finally:
         _close_parent(current, status)
     return current
+
+
+def say_train_changes(job, run_dir: str, train: Stage, say: Callable[[str], None]) -> None:
+    """When this run trained before under another train key, say which keys differ and what it
+    means: a new output from step 0, the old one kept (and reused if the keys go back)."""
+    from orchestrator import ledger as ledger_module
+
+    try:
+        before = ledger_module.read(run_dir)["stages"]["train"]
+        old_yaml = open(os.path.join(run_dir, ledger_module.CONFIG)).read()
+    except (OSError, KeyError, ValueError):
+        return  # a new run
+    if before.get("key") in (None, train.key) or before.get("state") == "pending" and not before.get("step"):
+        return
+    changed = keys.changed_train_fields(old_yaml, job)
+    what = ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in sorted(changed.items())) or \
+        "its inputs (the prepare or adapt stage) changed"
+    say(f"run {job.name}: the train stage's key changed ({what}). Training starts from step 0 in "
+        f"{train.output}; the previous output stays in {before.get('output')} and is reused if you set those "
+        "keys back.")
+    if "train.max_steps" in changed and job.train.schedule == "cosine":
+        say("  train.max_steps sets the cosine schedule's length, so the learning rate of every step changes with "
+            "it: a longer run cannot continue the shorter one's checkpoints, and trains from step 0.")
 
 
 def preflight(job, root: str, wanted, outputs: Optional[Dict[str, str]] = None) -> None:

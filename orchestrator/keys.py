@@ -89,6 +89,16 @@ def plan_stages(job, root: str, denoising: dict, outputs: Optional[Dict[str, str
             for name in STAGES}
 
 
+def changed_train_fields(old_config_yaml: str, job) -> Dict[str, tuple]:
+    """{"train.<field>": (old, new)} for the keyed train fields that differ between a run's previous
+    resolved config (its config.yaml) and `job`."""
+    import yaml
+
+    old = (yaml.safe_load(old_config_yaml) or {}).get("train") or {}
+    new = asdict(job.train)
+    return {f"train.{k}": (old.get(k), v) for k, v in new.items() if k not in _TRAIN_NOT_KEYED and old.get(k) != v}
+
+
 def run_key(job, stages: Dict[str, Stage]) -> str:
     """One adaptation run: its name and the key of its last stage (which covers all the others)."""
     return stage_key("run", {"name": job.name}, {"export": stages["export"].key})

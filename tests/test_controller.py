@@ -115,11 +115,16 @@ def test_ls_and_show_describe_the_run(first_run, capsys):
     assert "no run 'nope'" in capsys.readouterr().err
 
 
-def test_changed_lr_rebuilds_only_train_evaluate_export(first_run):
+def test_changed_lr_rebuilds_only_train_evaluate_export(first_run, capsys):
     root = first_run
     before = _ledger(root)["stages"]
     old_train = _files(before["train"]["output"])
+    capsys.readouterr()
     assert main(["run", TINY, "--root", root, "train.lr=0.001"] + SMALL) == 0
+    out = capsys.readouterr().out
+    # Says which key changed and that the old output stays (reused if the key goes back).
+    assert f"the train stage's key changed (train.lr: 0.002 -> 0.001). Training starts from step 0 in " in out
+    assert f"the previous output stays in {before['train']['output']} and is reused" in out
     after = _ledger(root)["stages"]
     assert _states(root) == {"prepare": "reused", "adapt": "reused", "train": "done", "evaluate": "done", "export": "done"}
     assert after["train"]["key"] != before["train"]["key"]
@@ -293,3 +298,12 @@ def test_ui_serves_the_run_store_on_loopback(first_run):
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=30)
+
+
+def test_changed_train_fields_are_the_keyed_ones_that_differ():
+    from orchestrator import keys
+    from orchestrator.config import load_config, to_yaml
+
+    before = to_yaml(load_config(TINY))
+    job = load_config(TINY, ["train.max_steps=60", "train.max_failures=5", "train.checkpoint_every_steps=3"])
+    assert keys.changed_train_fields(before, job) == {"train.max_steps": (30, 60)}  # the others are not keyed

@@ -33,6 +33,10 @@ class TrainConfig:
     offload_params: bool = False  # ZeRO-3 only
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
     activation_checkpointing: bool = False  # recompute activations in backward (less memory, ~30% slower)
+    # Cross-entropy over at most this many target tokens' logits at a time (jobs/train/chunked_loss.py):
+    # with a 262k vocabulary the full logits are 1 MiB per target in fp32. 0: the full logits at once.
+    # Pays when a micro-batch has well over ~1000 targets; below that it only adds recompute.
+    loss_chunk_tokens: int = 0
     # AdamW with linear warm-up, then cosine decay to lr * min_lr_ratio (or constant).
     lr: float = 1e-4
     min_lr_ratio: float = 0.1
@@ -98,6 +102,8 @@ class TrainConfig:
             raise ValueError(f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         if self.seed < 0:
             raise ValueError(f"train.seed={self.seed} must be >= 0")
+        if self.loss_chunk_tokens < 0:
+            raise ValueError(f"train.loss_chunk_tokens={self.loss_chunk_tokens} must be >= 0 (0: full logits)")
         if self.heldout_examples < 0:
             raise ValueError(f"train.heldout_examples={self.heldout_examples} must be >= 0 (0: no held-out loss in training)")
         if self.lr < 0 or self.warmup_steps < 0 or self.grad_clip < 0 or self.max_failures < -1:

@@ -9,6 +9,7 @@ until a log step. Everything a resumed run needs (step, data position)
 comes from the checkpoint, never from the config.
 """
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -101,7 +102,8 @@ def train(ctx: WorkerContext, spec: RunSpec) -> dict:
             normaliser = global_targets(micro, ctx.world_size) / (ctx.world_size * cfg.grad_accum_steps)
             step_sums = torch.zeros(len(spec.denoiser_names), 2, dtype=torch.float64, device=ctx.device)
             for index, batch in enumerate(micro):
-                loss, by_denoiser = forward_loss(engine, batch, len(spec.denoiser_names), normaliser)
+                loss, by_denoiser = forward_loss(engine, batch, len(spec.denoiser_names), normaliser,
+                                                 cfg.loss_chunk_tokens)
                 # A non-finite loss still goes backward: under "skip" its gradients are not finite, and
                 # DeepSpeed's ZeRO optimizer discards any step whose gradient norm is not finite.
                 engine.backward(loss)
@@ -165,29 +167,63 @@ def stop(ctx: WorkerContext, spec: RunSpec, state: dict, reason: str) -> dict:
 
 
 def load_model(init_dir: str, cfg: TrainConfig) -> torch.nn.Module:
-    """The adapted checkpoint as a transformers module, in fp32 (DeepSpeed casts for bf16)."""
+    """The adapted checkpoint as a transformers module, in fp32 (DeepSpeed casts for bf16). Under
+    ZeRO-3 it is built partitioned (deepspeed.zero.Init through transformers' DeepSpeed hook): each
+    rank holds only its share of every parameter, and only rank 0 reads the weights' values, so
+    host memory per rank falls with the number of ranks (bench/zero3_init_memory.py). Needs the
+    process group to be up."""
     from transformers import AutoModelForSeq2SeqLM
 
     from jobs.core import storage
 
     local = storage.local_copy(init_dir)
+    with _zero3_init(cfg):
+        return _from_pretrained(AutoModelForSeq2SeqLM, local, cfg)
+
+
+@contextlib.contextmanager
+def _zero3_init(cfg: TrainConfig):
+    """While open under ZeRO-3, transformers builds models inside deepspeed.zero.Init."""
+    if cfg.zero_stage != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    from jobs.train.deepspeed_config import build_deepspeed_config
+
+    marker = HfDeepSpeedConfig(build_deepspeed_config(cfg))  # transformers keeps only a weak reference
+    try:
+        yield marker
+    finally:
+        unset_hf_deepspeed_config()
+
+
+def _from_pretrained(model_class, local: str, cfg: TrainConfig) -> torch.nn.Module:
     try:
         # torch's fused attention kernels (flash / memory-efficient on GPU) where the model allows it.
-        model = AutoModelForSeq2SeqLM.from_pretrained(local, dtype=torch.float32, attn_implementation="sdpa")
+        model = model_class.from_pretrained(local, dtype=torch.float32, attn_implementation="sdpa")
     except (ValueError, NotImplementedError) as e:  # a model without an SDPA path
         log.info("attention: eager (%s)", e)
-        model = AutoModelForSeq2SeqLM.from_pretrained(local, dtype=torch.float32, attn_implementation="eager")
+        model = model_class.from_pretrained(local, dtype=torch.float32, attn_implementation="eager")
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     return model
 
 
-def forward_loss(engine, batch: dict, num_denoisers: int, normaliser: Optional[torch.Tensor] = None):
+def forward_loss(engine, batch: dict, num_denoisers: int, normaliser: Optional[torch.Tensor] = None,
+                 chunk_tokens: int = 0):
     """(loss, by_denoiser): the sum of the decoder targets' cross-entropies (padding ignored) divided
     by `normaliser` (default: this batch's target count, i.e. the token mean), and per-denoiser
-    [sum of token losses, token count] (float64, detached, on the batch's device) for logging."""
-    token_loss, mask = token_losses(engine, batch)
+    [sum of token losses, token count] (float64, detached, on the batch's device) for logging.
+    chunk_tokens > 0: the logits of at most that many targets exist at once (chunked_loss.py)."""
+    if chunk_tokens:
+        from jobs.train.chunked_loss import chunked_token_losses
+
+        token_loss, mask = chunked_token_losses(engine, batch, chunk_tokens)
+    else:
+        token_loss, mask = token_losses(engine, batch)
     labels = batch["labels"]
     if normaliser is None:
         normaliser = mask.sum().clamp(min=1)

@@ -25,6 +25,8 @@ from typing import Dict, Optional
 
 import torch
 
+from jobs.train.schedule import full_numel
+
 # Dense peak per device in TFLOP/s, from the vendors' datasheets; matched on the CUDA name. bf16:
 # tensor cores without sparsity; fp32: the non-tensor-core rate (torch leaves TF32 off for matmuls).
 # Most specific names first: "L40S" before "L40" before "L4".
@@ -53,13 +55,14 @@ class FlopsModel:
             if id(param) in seen or "embed" in name or "lm_head" in name:
                 continue
             seen.add(id(param))
+            numel = full_numel(param)
             if id(param) in reads_encoder:  # the decoder's K/V over encoder positions (and its own, if merged)
-                per_encoder += param.numel()
-                per_decoder += param.numel() if reads_encoder[id(param)] else 0
+                per_encoder += numel
+                per_decoder += numel if reads_encoder[id(param)] else 0
             elif ".encoder." in f".{name}":
-                per_encoder += param.numel()
+                per_encoder += numel
             else:
-                per_decoder += param.numel()
+                per_decoder += numel
         encoder, decoder = _text(model.config.encoder), _text(model.config.decoder)
         per_decoder += decoder.vocab_size * decoder.hidden_size  # the output projection
         self.per_encoder_token, self.per_decoder_token = 6.0 * per_encoder, 6.0 * per_decoder
