@@ -8,8 +8,10 @@ process, so DeepSpeed's module-level state never leaks between calls.
 import multiprocessing
 import os
 import pickle
+import queue
 import socket
 import sys
+import time
 import traceback
 from typing import Any, Callable, List
 
@@ -29,19 +31,36 @@ def run_ranks(fn: Callable, world_size: int, *args, timeout_s: float = 600) -> L
                  for rank in range(world_size)]
     for process in processes:
         process.start()
-    collected = {}
+    collected, failures = {}, []
     try:
-        for _ in range(world_size):
-            rank, ok, value = results.get(timeout=timeout_s)
-            if not ok:
-                raise RuntimeError(f"rank {rank} failed:\n{value}")
-            collected[rank] = pickle.loads(value)
+        deadline = time.monotonic() + timeout_s
+        for _ in range(world_size):  # every rank's outcome: the first failure is often only the echo of another
+            rank, ok, value = _next_result(results, processes, deadline)
+            if ok:
+                collected[rank] = pickle.loads(value)
+            else:
+                failures.append(f"rank {rank} failed:\n{value}")
+        if failures:
+            raise RuntimeError("\n".join(failures))
     finally:
         for process in processes:
             process.join(timeout=30)
             if process.is_alive():
                 process.kill()
     return [collected[rank] for rank in range(world_size)]
+
+
+def _next_result(results, processes, deadline: float):
+    """The next rank's (rank, ok, value); a rank that died without reporting (a crash in native
+    code) fails at once instead of after the whole timeout."""
+    while True:
+        try:
+            return results.get(timeout=2)
+        except queue.Empty:
+            dead = [(i, p.exitcode) for i, p in enumerate(processes) if p.exitcode not in (None, 0)]
+            if dead or time.monotonic() > deadline:
+                raise RuntimeError(f"ranks died without a result (rank, exit code): {dead}" if dead else
+                                   "no result before the timeout") from None
 
 
 def _rank_main(fn, rank, world_size, port, args, results):

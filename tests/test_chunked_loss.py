@@ -134,7 +134,3 @@ def test_other_models_and_autocast_engines_fall_back(models, monkeypatch):
     assert chunked_token_losses(AutocastEngine(), make_batch()) == "reference"
     with pytest.raises(ValueError, match="chunk_tokens=0 must be at least 1"):
         chunked_token_losses(models[SOURCES[0]], make_batch(), chunk_tokens=0)
-
-
-# Under DeepSpeed ZeRO-3 on 2 gloo ranks, through the training loop itself:
-# tests/test_loss_normalisation.py (train.loss_chunk_tokens gives plain PyTorch's gradients).

@@ -9,7 +9,6 @@ until a log step. Everything a resumed run needs (step, data position)
 comes from the checkpoint, never from the config.
 """
 
-import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -167,36 +166,14 @@ def stop(ctx: WorkerContext, spec: RunSpec, state: dict, reason: str) -> dict:
 
 
 def load_model(init_dir: str, cfg: TrainConfig) -> torch.nn.Module:
-    """The adapted checkpoint as a transformers module, in fp32 (DeepSpeed casts for bf16). Under
-    ZeRO-3 it is built partitioned (deepspeed.zero.Init through transformers' DeepSpeed hook): each
-    rank holds only its share of every parameter, and only rank 0 reads the weights' values, so
-    host memory per rank falls with the number of ranks (bench/zero3_init_memory.py). Needs the
-    process group to be up."""
+    """The adapted checkpoint as a transformers module, in fp32 (DeepSpeed casts for bf16). Every
+    rank loads the whole model, also under ZeRO-3 (a partitioned build is not done yet)."""
     from transformers import AutoModelForSeq2SeqLM
 
     from jobs.core import storage
 
     local = storage.local_copy(init_dir)
-    with _zero3_init(cfg):
-        return _from_pretrained(AutoModelForSeq2SeqLM, local, cfg)
-
-
-@contextlib.contextmanager
-def _zero3_init(cfg: TrainConfig):
-    """While open under ZeRO-3, transformers builds models inside deepspeed.zero.Init."""
-    if cfg.zero_stage != 3:
-        yield
-        return
-    from transformers.integrations import HfDeepSpeedConfig
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-    from jobs.train.deepspeed_config import build_deepspeed_config
-
-    marker = HfDeepSpeedConfig(build_deepspeed_config(cfg))  # transformers keeps only a weak reference
-    try:
-        yield marker
-    finally:
-        unset_hf_deepspeed_config()
+    return _from_pretrained(AutoModelForSeq2SeqLM, local, cfg)
 
 
 def _from_pretrained(model_class, local: str, cfg: TrainConfig) -> torch.nn.Module:
