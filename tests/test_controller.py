@@ -123,7 +123,7 @@ def test_changed_lr_rebuilds_only_train_evaluate_export(first_run, capsys):
     assert main(["run", TINY, "--root", root, "train.lr=0.001"] + SMALL) == 0
     out = capsys.readouterr().out
     # Says which key changed and that the old output stays (reused if the key goes back).
-    assert f"the train stage's key changed (train.lr: 0.002 -> 0.001). Training starts from step 0 in " in out
+    assert "the train stage's key changed (train.lr: 0.002 -> 0.001). Training starts from step 0 in " in out
     assert f"the previous output stays in {before['train']['output']} and is reused" in out
     after = _ledger(root)["stages"]
     assert _states(root) == {"prepare": "reused", "adapt": "reused", "train": "done", "evaluate": "done", "export": "done"}
