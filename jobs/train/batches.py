@@ -22,9 +22,9 @@ from jobs.core import storage
 from jobs.core.errors import UserError
 from jobs.core.examples_io import COLUMNS, ragged
 
-# Which examples a step sees is part of what training makes: a new order is a new train key.
-DATA_ORDER = f"rank ranges, windows of {16384} shuffled per pass"
 WINDOW_EXAMPLES = 16384  # rows shuffled together in memory (~65 MB at 512 + 256 tokens)
+# Which examples a step sees is part of what training makes: a new order is a new train key.
+DATA_ORDER = f"rank ranges, windows of {WINDOW_EXAMPLES} shuffled per pass"
 PREFETCH_BATCHES = 4
 
 

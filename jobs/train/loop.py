@@ -173,16 +173,12 @@ def load_model(init_dir: str, cfg: TrainConfig) -> torch.nn.Module:
     from jobs.core import storage
 
     local = storage.local_copy(init_dir)
-    return _from_pretrained(AutoModelForSeq2SeqLM, local, cfg)
-
-
-def _from_pretrained(model_class, local: str, cfg: TrainConfig) -> torch.nn.Module:
     try:
         # torch's fused attention kernels (flash / memory-efficient on GPU) where the model allows it.
-        model = model_class.from_pretrained(local, dtype=torch.float32, attn_implementation="sdpa")
+        model = AutoModelForSeq2SeqLM.from_pretrained(local, dtype=torch.float32, attn_implementation="sdpa")
     except (ValueError, NotImplementedError) as e:  # a model without an SDPA path
         log.info("attention: eager (%s)", e)
-        model = model_class.from_pretrained(local, dtype=torch.float32, attn_implementation="eager")
+        model = AutoModelForSeq2SeqLM.from_pretrained(local, dtype=torch.float32, attn_implementation="eager")
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False

@@ -25,7 +25,6 @@ from typing import Dict, Optional
 
 import torch
 
-from jobs.train.schedule import full_numel
 
 # Dense peak per device in TFLOP/s, from the vendors' datasheets; matched on the CUDA name. bf16:
 # tensor cores without sparsity; fp32: the non-tensor-core rate (torch leaves TF32 off for matmuls).
@@ -55,7 +54,7 @@ class FlopsModel:
             if id(param) in seen or "embed" in name or "lm_head" in name:
                 continue
             seen.add(id(param))
-            numel = full_numel(param)
+            numel = param.numel()
             if id(param) in reads_encoder:  # the decoder's K/V over encoder positions (and its own, if merged)
                 per_encoder += numel
                 per_decoder += numel if reads_encoder[id(param)] else 0

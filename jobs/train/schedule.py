@@ -23,22 +23,12 @@ def param_groups(model: torch.nn.Module, cross_attn_patterns: Sequence[str], wei
         if not param.requires_grad:
             continue
         phase = "cross_attn" if any(p in name for p in cross_attn_patterns) else "rest"
-        decay = len(full_shape(param)) >= 2
+        decay = param.ndim >= 2
         group = groups.setdefault((phase, decay), {"params": [], "weight_decay": weight_decay if decay else 0.0,
                                                    "t5adapt_phase": phase, "t5adapt_names": []})
         group["params"].append(param)
         group["t5adapt_names"].append(name)
     return [groups[key] for key in sorted(groups)]
-
-
-def full_shape(param: torch.Tensor) -> tuple:
-    """A parameter's shape, also when ZeRO-3 built it partitioned (its tensor is then a placeholder)."""
-    return tuple(getattr(param, "ds_shape", param.shape))
-
-
-def full_numel(param: torch.Tensor) -> int:
-    """A parameter's element count, also when ZeRO-3 built it partitioned."""
-    return int(getattr(param, "ds_numel", param.numel()))
 
 
 def learning_rate(step: int, cfg) -> float:
@@ -67,7 +57,7 @@ def count_parameters(groups: List[Dict], step: int, warmup_cross_attn: int) -> D
     """Trainable and frozen parameter counts at `step` (numel of unique tensors)."""
     trainable = frozen = 0
     for group in groups:
-        n = sum(full_numel(p) for p in group["params"])
+        n = sum(p.numel() for p in group["params"])
         if step < warmup_cross_attn and group["t5adapt_phase"] != "cross_attn":
             frozen += n
         else:
