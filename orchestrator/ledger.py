@@ -89,6 +89,11 @@ def runs(root: str) -> Dict[str, dict]:
 
 
 def _write_atomic(path: str, text: str) -> None:
+    """Replace `path` with `text` whole; an unchanged file is left as it is (a re-run rewrites nothing)."""
+    if os.path.isfile(path):
+        with open(path) as f:
+            if f.read() == text:
+                return
     with open(path + ".part", "w") as f:
         f.write(text)
     os.replace(path + ".part", path)
