@@ -47,6 +47,12 @@ class JobConfig:
     def __post_init__(self):
         if not _NAME.match(self.name):
             raise ValueError(f"name={self.name!r} must be letters, digits, '.', '_' or '-' (it names a directory)")
+        if (self.train.distill.enabled and self.data.objective == "ul2"
+                and not any(d.name == "S" for d in self.data.denoisers)):
+            raise ValueError("train.distill.enabled=true needs PrefixLM (S) examples, but data.denoisers holds only "
+                             f"R/X ({', '.join(d.name for d in self.data.denoisers)}): R/X targets have no teacher. "
+                             "Add an S entry to data.denoisers, set data.objective=prefix_lm, or set "
+                             "train.distill.enabled=false")
 
 
 def default_root() -> str:

@@ -59,11 +59,12 @@ def run(job, root: str, wanted=STAGES, outputs: Optional[Dict[str, str]] = None,
     training metrics up to Ray Tune. Returns the Run (stages, results)."""
     from orchestrator.config import to_yaml
 
-    wanted = [name for name in STAGES if name in wanted]
+    wanted = [name for name in STAGES if name in wanted or name == "teacher" and "train" in wanted]
     preflight(job, root, wanted, outputs)
     say(f"run {job.name}: resolving stage keys")
     denoising = keys.denoising_plan(job)
     stages = keys.plan_stages(job, root, denoising, outputs)
+    wanted = [name for name in wanted if name in stages]  # the teacher stage only with a precomputed teacher
     run_key = keys.run_key(job, stages)
     say_train_changes(job, os.path.join(root, job.name), stages["train"], say)
     ledger = Ledger.open(os.path.join(root, job.name), to_yaml(job), run_key, stages)
@@ -234,12 +235,21 @@ def _adapt(current: Run, stage: Stage, run_id, force) -> dict:
     return _read_json(stage.output, STAGE_INFO)
 
 
+def _teacher(current: Run, stage: Stage, run_id, force) -> dict:
+    from jobs.teacher.stage import run_teacher
+
+    return run_teacher(current.job.train.distill, current.job.adapt.source, current.stages["prepare"].output,
+                       stage.output, stage.key, force=force)
+
+
 def _train(current: Run, stage: Stage, run_id, force) -> dict:
     from jobs.train.stage import run_train
 
+    teacher = current.stages.get("teacher")
     result = run_train(current.job.train, current.stages["prepare"].output, current.stages["adapt"].output,
                        stage.output, stage.key, tracking_uri=current.tracking_uri, mlflow_run_id=run_id,
-                       callbacks=current.train_callbacks)
+                       callbacks=current.train_callbacks, teacher_source=current.job.adapt.source,
+                       teacher_dir=teacher.output if teacher else "")
     _write_json(stage.output, "t5adapt_stage.json", dict(result, config_hash=stage.key))
     locks.check_before_commit(stage.output)
     storage.write_text(storage.join(stage.output, COMMIT_MARKER), "")  # the output builds in place: marker last
@@ -278,8 +288,10 @@ def _export(current: Run, stage: Stage, run_id, force) -> dict:
     return info
 
 
-BUILDERS = {"prepare": _prepare, "adapt": _adapt, "train": _train, "evaluate": _evaluate, "export": _export}
-_INFO_FILES = {"prepare": "metadata.json", "adapt": "t5adapt_adapt.json", "train": "t5adapt_stage.json",
+BUILDERS = {"prepare": _prepare, "adapt": _adapt, "teacher": _teacher, "train": _train, "evaluate": _evaluate,
+            "export": _export}
+_INFO_FILES = {"prepare": "metadata.json", "adapt": "t5adapt_adapt.json", "teacher": "teacher.json",
+               "train": "t5adapt_stage.json",
                "evaluate": "evaluation.json", "export": "t5adapt_export.json"}
 
 
@@ -397,6 +409,8 @@ def _stage_run(current: Run, name: str) -> Optional[str]:
 
     slice_name = {"prepare": "data"}.get(name, name)
     params = tracking.flatten(slice_name, asdict(getattr(job, slice_name))) if hasattr(job, slice_name) else {}
+    if name == "teacher":
+        params = dict(tracking.flatten("train.distill", asdict(job.train.distill)), **{"adapt.source": job.adapt.source})
     tags = {"t5adapt.stage": name, "t5adapt.stage_key": stage.key, "t5adapt.output": stage.output,
             "t5adapt.parent_run_key": current.run_key, **{f"t5adapt.input.{k}": v for k, v in stage.inputs.items()}}
     run_id = tracking.start_run(cfg, root, f"{job.name}/{name}", tags, parent_id=current.parent_run_id, params=params)
@@ -414,6 +428,10 @@ def _stage_record(name: str, result: dict) -> dict:
 
         _, metrics = tracking_record(result)
         return {"metrics": metrics}
+    if name == "teacher":
+        from jobs.teacher.stage import tracking_record as teacher_record
+
+        return {"metrics": teacher_record(result)}
     if name == "train":
         return {"metrics": {"final_step": result["step"]}, "tags": {"t5adapt.model": result["model"]}}
     if name == "evaluate":

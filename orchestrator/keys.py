@@ -16,12 +16,31 @@ from jobs.core.commits import stage_key
 from jobs.core.sources import source_identity
 from jobs.train.batches import DATA_ORDER
 
-STAGES = ("prepare", "adapt", "train", "evaluate", "export")
+STAGES = ("prepare", "adapt", "teacher", "train", "evaluate", "export")  # teacher: only with a precomputed one
 # Fields that never change a stage's output bytes.
 _DATA_NOT_KEYED = ("num_tokenizer_workers", "tokenizer")  # the tokenizer enters by identity
 _TRAIN_NOT_KEYED = ("max_failures", "checkpoint_every_steps", "keep_checkpoints", "log_every_steps", "cpus_per_worker",
                     "gpus_per_worker", "peak_tflops_per_device", "global_batch_size", "heldout_examples",
                     "placement_strategy")
+_DISTILL_NOT_KEYED = ("teacher_workers", "teacher_cpus")
+# How the teacher stage lays out what it stores (jobs/core/teacher_io.py): a new layout is a new key.
+TEACHER_LAYOUT = "BOS + prefix + target[:-1]; top-k log-softmax at T=1, float32; no EOS, no R/X"
+
+
+def uses_teacher_stage(job) -> bool:
+    return job.train.distill.enabled and job.train.distill.teacher == "precomputed"
+
+
+def train_fields(train_cfg) -> dict:
+    """The train fields in the train key. Without distillation its sub-config is left out, so
+    turning the feature on changed no existing key."""
+    fields = {k: v for k, v in asdict(train_cfg).items() if k not in _TRAIN_NOT_KEYED}
+    if train_cfg.distill.enabled:
+        fields["distill"] = {k: v for k, v in fields["distill"].items() if k not in _DISTILL_NOT_KEYED}
+    else:
+        del fields["distill"]
+    fields["data_order"] = DATA_ORDER
+    return fields
 
 
 @dataclass(frozen=True)
@@ -72,13 +91,18 @@ def plan_stages(job, root: str, denoising: dict, outputs: Optional[Dict[str, str
     """Every stage's key, inputs and output location. `outputs` overrides a stage's location (the
     `--out` of `t5adapt prepare|adapt|export`); the key stays what it is."""
     keys: Dict[str, str] = {}
-    inputs = {"prepare": {}, "adapt": {}, "train": ("prepare", "adapt"), "evaluate": ("prepare", "train"),
-              "export": ("train", "evaluate")}
+    teacher = uses_teacher_stage(job)
+    inputs = {"prepare": {}, "adapt": {}, "teacher": ("prepare",),
+              "train": ("prepare", "adapt", "teacher") if teacher else ("prepare", "adapt"),
+              "evaluate": ("prepare", "train"), "export": ("train", "evaluate")}
     keys["prepare"] = prepare_key(job.data, tokenizer_spec(job))
     keys["adapt"] = adapt_key(job.adapt, denoising)
-    train_fields = {k: v for k, v in asdict(job.train).items() if k not in _TRAIN_NOT_KEYED}
-    train_fields["data_order"] = DATA_ORDER
-    keys["train"] = stage_key("train", train_fields, {k: keys[k] for k in inputs["train"]})
+    if teacher:
+        distill = job.train.distill
+        keys["teacher"] = stage_key("teacher", {"top_k": distill.top_k, "batch_size": distill.teacher_batch_size,
+                                                "source": source_identity(job.adapt.source), "layout": TEACHER_LAYOUT},
+                                    {"prepare": keys["prepare"]})
+    keys["train"] = stage_key("train", train_fields(job.train), {k: keys[k] for k in inputs["train"]})
     keys["evaluate"] = stage_key("evaluate", {"evaluate": asdict(job.evaluate), "source": source_identity(job.adapt.source)},
                                  {k: keys[k] for k in inputs["evaluate"]})
     keys["export"] = stage_key("export", {}, {k: keys[k] for k in inputs["export"]})
@@ -86,7 +110,7 @@ def plan_stages(job, root: str, denoising: dict, outputs: Optional[Dict[str, str
     outputs = outputs or {}
     return {name: Stage(name, keys[name], outputs.get(name) or storage.join(store, f"{name}-{keys[name]}"),
                         {k: keys[k] for k in inputs[name]})
-            for name in STAGES}
+            for name in STAGES if name in keys}
 
 
 def changed_train_fields(old_config_yaml: str, job) -> Dict[str, tuple]:
@@ -96,7 +120,13 @@ def changed_train_fields(old_config_yaml: str, job) -> Dict[str, tuple]:
 
     old = (yaml.safe_load(old_config_yaml) or {}).get("train") or {}
     new = asdict(job.train)
-    return {f"train.{k}": (old.get(k), v) for k, v in new.items() if k not in _TRAIN_NOT_KEYED and old.get(k) != v}
+    changed = {f"train.{k}": (old.get(k), v) for k, v in new.items()
+               if k not in _TRAIN_NOT_KEYED + ("distill",) and old.get(k) != v}
+    old_distill, new_distill = old.get("distill") or {}, new["distill"]
+    if old_distill.get("enabled", False) or new_distill["enabled"]:
+        changed.update({f"train.distill.{k}": (old_distill.get(k), v) for k, v in new_distill.items()
+                        if k not in _DISTILL_NOT_KEYED and old_distill.get(k) != v})
+    return changed
 
 
 def run_key(job, stages: Dict[str, Stage]) -> str:

@@ -1,6 +1,7 @@
 """Chunked token cross-entropy (jobs/train/chunked_loss.py) against the reference that takes
 transformers' own logits (examples_io.token_losses): losses, gradients, the final logit soft-cap,
-that no logits-sized tensor is kept for backward, and the same through a ZeRO-3 engine on 2 ranks."""
+that no logits-sized tensor is kept for backward. Through the training loop under ZeRO-3 on 2 ranks
+(unequal target counts, so unequal chunk counts): tests/test_loss_normalisation.py."""
 
 import functools
 

@@ -3,8 +3,9 @@ split into ranks and accumulation steps, the gradients are the same, and they ar
 sum(token losses) / (target tokens) computed by plain PyTorch on the whole batch.
 
 The loop itself (jobs/train/loop.train) runs one optimizer step on real gloo ranks with DeepSpeed
-(tests/dist_harness.py, no Ray). AdamW's first step is -lr * g / (|g| + eps); with lr = eps = 1e6
-that is -g to about 1e-5 relative, so the weight change after one step reads out the gradient."""
+(tests/dist_harness.py, no Ray); at ZeRO-3 it builds the model partitioned. AdamW's first step is
+-lr * g / (|g| + eps); with lr = eps = 1e6 that is -g to about 1e-5 relative, so the weight change
+after one step reads out the gradient."""
 
 import os
 
@@ -39,9 +40,40 @@ def _collate(rows):
 
 
 def _one_step_each(rank, world, init_dir, runs):
-    """_one_step for each (storage_root, micro_batch_size, grad_accum_steps, zero_stage) in `runs`, in
-    one process per rank (spawning ranks costs far more than a tiny step)."""
-    return [_one_step(rank, world, init_dir, *run) for run in runs]
+    """_one_step for each (storage_root, micro_batch_size, grad_accum_steps, zero_stage[, chunk]) in
+    `runs`, in one process per rank (spawning ranks costs far more than a tiny step); with 2 ranks
+    also what loop.load_model builds on this rank under ZeRO-3 (_partitioned_build)."""
+    built = _partitioned_build(init_dir, world) if world > 1 else None
+    return [_one_step(rank, world, init_dir, *run) for run in runs], built
+
+
+def _model_facts(model):
+    """What the loop reads from a model before deepspeed.initialize: parameter counts, the FLOPs
+    model's coefficients, which parameters are decayed."""
+    from jobs.train.metrics import FlopsModel
+    from jobs.train.schedule import count_parameters, param_groups
+
+    groups = param_groups(model, ["cross_attn"], 0.1)
+    flops = FlopsModel(model)
+    return {"counts": count_parameters(groups, 0, 1), "flops": (flops.per_encoder_token, flops.per_decoder_token),
+            "decayed": sorted(n for g in groups if g["weight_decay"] for n in g["t5adapt_names"])}
+
+
+def _partitioned_build(init_dir, world):
+    """Right after loop.load_model under ZeRO-3 (before deepspeed.initialize): the share of the
+    model's elements this rank holds, whether every parameter is a placeholder, whether the head is
+    still the input embedding, and _model_facts."""
+    from jobs.train.config import TrainConfig
+    from jobs.train.loop import load_model
+
+    model = load_model(init_dir, TrainConfig(zero_stage=3, num_workers=world, micro_batch_size=1))
+    params = list(model.parameters())
+    embedding = model.get_input_embeddings().weight
+    return {"share": sum(p.ds_tensor.numel() for p in params) / sum(p.ds_numel for p in params),
+            "placeholders": all(p.numel() == 0 for p in params),
+            "tied": model.get_output_embeddings().weight is embedding
+            and model.get_decoder().embed_tokens.weight is embedding,
+            **_model_facts(model)}
 
 
 def _one_step(rank, world, init_dir, storage_root, micro_batch_size, grad_accum_steps, zero_stage, chunk=0):
@@ -104,16 +136,32 @@ def _reference_gradient(init_dir):
 
 
 def test_gradients_do_not_depend_on_how_the_batch_is_split(init_dir, tmp_path):
+    from transformers import AutoModelForSeq2SeqLM
+
     splits = {1: {"1 rank, micro-batch 4": (4, 1), "1 rank, 2 accumulation steps of 2": (2, 2)},
               2: {"2 ranks, micro-batch 2": (2, 1), "2 ranks, 2 accumulation steps of 1": (1, 2)}}
     updates = {}
     for world, shapes in splits.items():
         runs, names = [], []
         for name, (micro, accum) in shapes.items():
-            for zero_stage in ((0, 2) if world == 2 else (0,)):
+            # ZeRO-3 builds the model partitioned (loop.load_model); the others load it whole.
+            for zero_stage in ((0, 2, 3) if world == 2 else (0,)):
                 runs.append((str(tmp_path / f"{world}-{micro}-{accum}-zero{zero_stage}"), micro, accum, zero_stage))
                 names.append(f"{name}, ZeRO-{zero_stage}")
-        assert run_ranks(_one_step_each, world, init_dir, runs) == [[1] * len(runs)] * world
+        if world == 2:
+            # The cross-entropy in chunks of 3 targets (train.loss_chunk_tokens) under ZeRO-3: the
+            # ranks' 13 and 8 targets make 5 and 3 chunks, and each chunk's head gathers its weight
+            # from both ranks (unequal counts once crashed a rank in gloo).
+            runs.append((str(tmp_path / "2-chunked-zero3"), 2, 1, 3, 3))
+            names.append("2 ranks, micro-batch 2, ZeRO-3, loss in chunks of 3 targets")
+        results = run_ranks(_one_step_each, world, init_dir, runs)
+        assert [steps for steps, _ in results] == [[1] * len(runs)] * world
+        if world == 2:
+            whole = _model_facts(AutoModelForSeq2SeqLM.from_pretrained(init_dir, dtype=torch.float32))
+            for _, built in results:
+                # Each rank holds half of every parameter (DeepSpeed pads partitions a little).
+                assert 0.5 <= built.pop("share") < 0.52 and built.pop("placeholders") and built.pop("tied"), built
+                assert built == whole
         for name, run in zip(names, runs):
             updates[name] = _update(init_dir, run[0])
     reference = _reference_gradient(init_dir)

@@ -122,12 +122,20 @@ def token_losses(model, batch: dict):
     encoder-decoder or a DeepSpeed engine around one), shape [batch, decoder length], float32, with
     0 where the label is padding; mask marks the real targets. Training and evaluation both score
     examples with this one function."""
+    return target_losses(seq2seq_logits(model, batch), batch["labels"])
+
+
+def seq2seq_logits(model, batch: dict):
+    """The decoder's logits [batch, decoder length, vocab] for a collated batch."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 decoder_input_ids=batch["decoder_input_ids"],
+                 decoder_attention_mask=batch["decoder_attention_mask"]).logits
+
+
+def target_losses(logits, labels):
+    """(token_loss, mask) of token_losses from the logits."""
     import torch
 
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   decoder_input_ids=batch["decoder_input_ids"],
-                   decoder_attention_mask=batch["decoder_attention_mask"]).logits
-    labels = batch["labels"]
     token_loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
                                                    ignore_index=IGNORE, reduction="none").view_as(labels)
     return token_loss, labels != IGNORE

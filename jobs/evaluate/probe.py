@@ -58,10 +58,21 @@ def encoder_inputs(prefixes: torch.Tensor, metadata: dict) -> torch.Tensor:
 def probe(model, source, prefixes: torch.Tensor, targets: torch.Tensor, metadata: dict, batch_size: int,
           progress: bool = True) -> dict:
     """The four target cross-entropies (nats/token) and the two gains; see the module docstring."""
+    result = dict(model_probe(model, prefixes, targets, metadata, batch_size, progress),
+                  **source_probe(source, prefixes, targets, metadata, batch_size))
+    result["encoder_gain"] = result["encoder_masked"] - result["encoder"]
+    result["source_context_gain"] = result["source_target_only"] - result["source_with_context"]
+    return result
+
+
+@torch.no_grad()
+def model_probe(model, prefixes: torch.Tensor, targets: torch.Tensor, metadata: dict, batch_size: int,
+                progress: bool = True) -> dict:
+    """{"encoder", "encoder_masked"}: the encoder-decoder's two target cross-entropies."""
     from transformers.modeling_outputs import BaseModelOutput
 
     bos = metadata["bos_id"]
-    sums = dict.fromkeys(("encoder", "encoder_masked", "source_with_context", "source_target_only"), 0.0)
+    sums = dict.fromkeys(("encoder", "encoder_masked"), 0.0)
     for start in progress_bar(range(0, len(targets), batch_size), desc="evaluate: adaptation probe", unit="batch",
                               disable=not progress):
         prefix, target = prefixes[start:start + batch_size], targets[start:start + batch_size]
@@ -85,17 +96,24 @@ def probe(model, source, prefixes: torch.Tensor, targets: torch.Tensor, metadata
         silent = BaseModelOutput(last_hidden_state=torch.zeros_like(encoded.last_hidden_state))
         sums["encoder_masked"] += _ce_sum(model(encoder_outputs=silent, attention_mask=torch.zeros_like(encoder_ids),
                                                 decoder_input_ids=decoder_ids).logits, target)
+    return {name: total / targets.numel() for name, total in sums.items()}
+
+
+@torch.no_grad()
+def source_probe(source, prefixes: torch.Tensor, targets: torch.Tensor, metadata: dict, batch_size: int) -> dict:
+    """{"source_with_context", "source_target_only"}: the decoder-only source's references."""
+    bos = metadata["bos_id"]
+    sums = dict.fromkeys(("source_with_context", "source_target_only"), 0.0)
+    for start in range(0, len(targets), batch_size):
+        prefix, target = prefixes[start:start + batch_size], targets[start:start + batch_size]
+        begin = torch.full((len(target), 1), bos)
         # Logits at position t predict token t + 1: the target is predicted by the positions before it.
         # logits_to_keep: the LM head (262k x 640 on Gemma 3) runs only where a target is predicted.
         together = source(input_ids=torch.cat([begin, prefix, target], dim=1), logits_to_keep=target.shape[1] + 1).logits
         sums["source_with_context"] += _ce_sum(together[:, :-1], target)
         alone = source(input_ids=torch.cat([begin, target], dim=1)).logits
         sums["source_target_only"] += _ce_sum(alone[:, :-1], target)
-    tokens = targets.numel()
-    result = {name: total / tokens for name, total in sums.items()}
-    result["encoder_gain"] = result["encoder_masked"] - result["encoder"]
-    result["source_context_gain"] = result["source_target_only"] - result["source_with_context"]
-    return result
+    return {name: total / targets.numel() for name, total in sums.items()}
 
 
 def _ce_sum(logits: torch.Tensor, target: torch.Tensor) -> float:

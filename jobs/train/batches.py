@@ -14,13 +14,14 @@ step (the step never waits on Parquet or S3 unless reading is slower than traini
 
 import queue
 import threading
-from typing import Callable, Dict, Iterator, Tuple
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import numpy as np
 
 from jobs.core import storage
 from jobs.core.errors import UserError
 from jobs.core.examples_io import COLUMNS, ragged
+from jobs.core.teacher_io import TEACHER_COLUMNS
 
 WINDOW_EXAMPLES = 16384  # rows shuffled together in memory (~65 MB at 512 + 256 tokens)
 # Which examples a step sees is part of what training makes: a new order is a new train key.
@@ -57,50 +58,52 @@ class RankReader:
     """Rows of one rank's range, read a window at a time from the prepared Parquet files.
 
     metadata: the prepare stage's metadata.json ("files": name, first_example, examples).
+    teacher_dir: the teacher stage's output (jobs/teacher): each part's stored top-k, in a file of
+    the same name, is read beside it (TEACHER_COLUMNS).
     bytes_read: Parquet bytes this reader has fetched (for bench/data_reads.py).
     """
 
-    def __init__(self, data_dir: str, metadata: dict, first: int, end: int):
-        self.data_dir, self.first, self.end = data_dir, first, end
+    def __init__(self, data_dir: str, metadata: dict, first: int, end: int, teacher_dir: Optional[str] = None):
+        self.data_dir, self.first, self.end, self.teacher_dir = data_dir, first, end, teacher_dir
         self.files = sorted(metadata["files"], key=lambda f: f["first_example"])
-        filesystem, self.root = storage.arrow_filesystem(data_dir)
-        if filesystem is None:
-            from pyarrow import fs
-
-            filesystem = fs.LocalFileSystem()
-        self.filesystem = filesystem
+        self.filesystem, self.root = _filesystem(data_dir)
+        self.columns = COLUMNS + (TEACHER_COLUMNS if teacher_dir else [])
         self.bytes_read = 0
         self._cache: Dict[int, Dict[str, np.ndarray]] = {}  # window start offset -> its rows
 
     def rows(self, offsets: np.ndarray, window: int = WINDOW_EXAMPLES) -> Dict[str, np.ndarray]:
         """The rows at `offsets` (into the rank's range) as ragged numpy columns, in that order."""
-        out = {c: np.empty(len(offsets), dtype=object) for c in COLUMNS}
+        out = {c: np.empty(len(offsets), dtype=object) for c in self.columns}
         for i, offset in enumerate(offsets):
             start = int(offset) // window * window
             if start not in self._cache:
                 if len(self._cache) >= 2:  # a micro-batch spans at most two windows
                     self._cache.pop(next(iter(self._cache)))
                 self._cache[start] = self._read(self.first + start, min(self.first + start + window, self.end))
-            for c in COLUMNS:
+            for c in self.columns:
                 out[c][i] = self._cache[start][c][int(offset) - start]
         return out
 
     def _read(self, lo: int, hi: int) -> Dict[str, np.ndarray]:
         """Examples lo..hi-1 (by index), from the files that hold them."""
-        import pyarrow.parquet as pq
-
-        columns = {c: [] for c in COLUMNS}
+        columns = {c: [] for c in self.columns}
         for entry in self.files:
             first, count = entry["first_example"], entry["examples"]
             if first >= hi or first + count <= lo:
                 continue
-            path = f"{self.root}/{entry['name']}"
-            with self.filesystem.open_input_file(path) as handle:
-                table = pq.read_table(handle, columns=COLUMNS)
-                self.bytes_read += handle.size()
+            table = self._table(self.filesystem, f"{self.root}/{entry['name']}", COLUMNS)
             indices = table.column("example_index").to_numpy()
+            if self.teacher_dir:
+                teacher_fs, teacher_root = _filesystem(self.teacher_dir)
+                stored = self._table(teacher_fs, f"{teacher_root}/{entry['name']}", ["example_index"] + TEACHER_COLUMNS)
+                if not np.array_equal(stored.column("example_index").to_numpy(), indices):
+                    raise UserError(f"{self.teacher_dir}/{entry['name']} does not hold the teacher's log-probs of "
+                                    f"{self.data_dir}/{entry['name']} row for row: the teacher output was made from "
+                                    "other prepared data; delete it and run again to rebuild it")
+                table = table.append_column(TEACHER_COLUMNS[0], stored.column(TEACHER_COLUMNS[0])) \
+                    .append_column(TEACHER_COLUMNS[1], stored.column(TEACHER_COLUMNS[1]))
             keep = np.flatnonzero((indices >= lo) & (indices < hi))
-            for c in COLUMNS:
+            for c in self.columns:
                 values = table.column(c).to_numpy(zero_copy_only=False)
                 columns[c].extend(values[keep])
         order = np.argsort(np.asarray(columns["example_index"], dtype=np.int64), kind="stable")
@@ -109,7 +112,25 @@ class RankReader:
             raise UserError(f"{self.data_dir} does not hold examples {lo}..{hi - 1} as its metadata.json says "
                             f"(found {len(got)} of {hi - lo}): the prepared data is damaged; delete that prepare "
                             "output and run again to rebuild it")
-        return {c: ragged([columns[c][i] for i in order]) for c in COLUMNS}
+        return {c: ragged([columns[c][i] for i in order]) for c in self.columns}
+
+    def _table(self, filesystem, path: str, columns):
+        import pyarrow.parquet as pq
+
+        with filesystem.open_input_file(path) as handle:
+            table = pq.read_table(handle, columns=columns)
+            self.bytes_read += handle.size()
+        return table
+
+
+def _filesystem(path: str):
+    """(pyarrow filesystem, root) for a local directory or an s3:// prefix."""
+    filesystem, root = storage.arrow_filesystem(path)
+    if filesystem is None:
+        from pyarrow import fs
+
+        filesystem = fs.LocalFileSystem()
+    return filesystem, root
 
 
 def micro_batches(reader: RankReader, start: int, per_epoch: int, micro_batch_size: int, seed: int, rank: int,

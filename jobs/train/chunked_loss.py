@@ -48,10 +48,12 @@ def chunked_token_losses(model, batch: dict, chunk_tokens: int = 1024):
     Returns token_loss float32 [B, T], 0 where labels == IGNORE, and mask bool [B, T] = labels != IGNORE.
 
     The head is called as a module, so ZeRO-3's hooks gather its weight (the input embedding, tied
-    as the model ties it), then the model's own final logit soft-capping. Under DeepSpeed the head's
-    chunks run backward before the engine output whose hook starts DeepSpeed's backward prologue
-    (decoder_hidden_states); a tied head (every checkpoint t5adapt adapts) gets its gradient only
-    after the embeddings' backward, so after the prologue, but an untied head's would come before it.
+    as the model ties it), then the model's own final logit soft-capping. Under ZeRO-3 every rank
+    calls it equally often (padding with empty chunks), as each call is a collective. Under
+    DeepSpeed the head's chunks run backward before the engine output whose hook starts DeepSpeed's
+    backward prologue (decoder_hidden_states); a tied head (every checkpoint t5adapt adapts) gets its
+    gradient only after the embeddings' backward, so after the prologue, but an untied head's would
+    come before it.
     """
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens={chunk_tokens} must be at least 1")
@@ -77,8 +79,14 @@ def chunked_token_losses(model, batch: dict, chunk_tokens: int = 1024):
             logits = logits * softcap
         return torch.nn.functional.cross_entropy(logits.float(), chunk_targets, reduction="none")
 
+    chunks = list(zip(chosen.split(chunk_tokens), targets.split(chunk_tokens)))
+    if any(hasattr(param, "ds_id") for param in head.parameters()):
+        # ZeRO-3 partitions the head's weight: each call of the head gathers it from every rank (in
+        # forward, and again in backward's recompute), so every rank must call it as often as the
+        # others, however many targets it has. Ranks short of chunks call it on empty ones.
+        chunks += [(chosen[:0], targets[:0])] * (_most_on_any_rank(len(chunks), labels.device) - len(chunks))
     losses = []
-    for rows, chunk_targets in zip(chosen.split(chunk_tokens), targets.split(chunk_tokens)):
+    for rows, chunk_targets in chunks:
         if torch.is_grad_enabled():
             losses.append(checkpoint(chunk_loss, rows, chunk_targets, use_reentrant=False))
         else:  # evaluation: nothing to recompute
@@ -87,6 +95,15 @@ def chunked_token_losses(model, batch: dict, chunk_tokens: int = 1024):
         losses = [chosen[:, 0].float() * 0]
     flat = torch.zeros(labels.numel(), dtype=torch.float32, device=labels.device)
     return flat.index_copy(0, positions, torch.cat(losses)).view_as(labels), mask
+
+
+def _most_on_any_rank(count: int, device: torch.device) -> int:
+    """The largest `count` over all ranks (one all-reduce and a host sync)."""
+    import torch.distributed as dist
+
+    most = torch.tensor([count], dtype=torch.long, device=device)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    return int(most.item())
 
 
 def decoder_hidden_states(model, batch: dict) -> torch.Tensor:

@@ -11,6 +11,44 @@ from typing import Any, Dict, Optional
 PRECISIONS = ("auto", "fp32", "bf16")
 SCHEDULES = ("cosine", "constant")
 NONFINITE_POLICIES = ("stop", "skip")
+TEACHERS = ("online", "precomputed")
+
+
+@dataclass
+class DistillConfig:
+    """Knowledge distillation from the source decoder-only model (jobs/train/distill.py): its
+    next-token distribution as soft targets for the decoder on PrefixLM (S) examples. R/X examples
+    have no teacher and train on their hard labels alone."""
+
+    enabled: bool = False
+    # loss = (1 - weight) * cross-entropy + weight * distillation, both token means of the step.
+    weight: float = 0.5
+    temperature: float = 1.0
+    # Keep only the teacher's top-k log-probs per target token (the vocabulary is 262k: full teacher
+    # logits do not fit in memory or on disk at scale). 0: the full vocabulary (online only).
+    top_k: int = 64
+    # online: a frozen copy of the source on every training worker computes them each step;
+    # precomputed: the teacher stage stores them beside the prepared data once (Ray Data actors).
+    teacher: str = "online"
+    # precomputed: Ray actors that run the teacher, the examples per forward, CPUs per actor.
+    teacher_workers: int = 1
+    teacher_batch_size: int = 8
+    teacher_cpus: float = 1.0
+
+    def __post_init__(self):
+        if not 0 <= self.weight <= 1:
+            raise ValueError(f"train.distill.weight={self.weight} must be in [0, 1] (share of the distillation loss)")
+        if self.temperature <= 0:
+            raise ValueError(f"train.distill.temperature={self.temperature} must be > 0")
+        if self.top_k < 0:
+            raise ValueError(f"train.distill.top_k={self.top_k} must be >= 0 (0: the full vocabulary)")
+        if self.teacher not in TEACHERS:
+            raise ValueError(f"train.distill.teacher={self.teacher!r} must be online or precomputed")
+        if self.teacher == "precomputed" and self.top_k == 0:
+            raise ValueError("train.distill.teacher=precomputed needs train.distill.top_k > 0: stored full-vocabulary "
+                             "log-probs are 1 MiB per target token; use top_k (e.g. 64) or teacher=online")
+        if self.teacher_workers < 1 or self.teacher_batch_size < 1 or self.teacher_cpus <= 0:
+            raise ValueError("train.distill.teacher_workers and teacher_batch_size must be at least 1, teacher_cpus > 0")
 
 
 @dataclass
@@ -50,6 +88,10 @@ class TrainConfig:
     # Unbalanced T5Gemma pairs: steps in which only cross-attention trains. None: what the adapted
     # checkpoint records (adapt.cross_attn_warmup_steps); ignored when the model needs no warm-up.
     cross_attn_warmup_steps: Optional[int] = None
+    # Steps in which only the encoder (and cross-attention, if any) trains: the decoder and the shared
+    # embedding stay the source's, so the model with its encoder masked is exactly the source and any
+    # gain comes from reading the encoder (bench/distill_proof.py). 0: none.
+    encoder_warmup_steps: int = 0
     on_nonfinite_loss: str = "stop"  # stop: fail naming the step | skip: discard that optimizer step, count it
     checkpoint_every_steps: int = 100
     # Held-out examples scored at every checkpoint (the first N of the prepared held-out split, the
@@ -66,6 +108,7 @@ class TrainConfig:
     # Extra DeepSpeed config keys, merged into the generated config; a key that the fields above
     # already set is an error (set it through the field), never a silent override.
     deepspeed: Dict[str, Any] = field(default_factory=dict)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self):
         for key in ("max_steps", "num_workers", "micro_batch_size", "grad_accum_steps", "checkpoint_every_steps",
@@ -104,11 +147,16 @@ class TrainConfig:
             raise ValueError(f"train.seed={self.seed} must be >= 0")
         if self.loss_chunk_tokens < 0:
             raise ValueError(f"train.loss_chunk_tokens={self.loss_chunk_tokens} must be >= 0 (0: full logits)")
+        if self.distill.enabled and self.loss_chunk_tokens:
+            raise ValueError("train.distill.enabled=true needs train.loss_chunk_tokens=0: the distillation loss uses "
+                             "the student's full logits (set loss_chunk_tokens=0, or turn distillation off)")
         if self.heldout_examples < 0:
             raise ValueError(f"train.heldout_examples={self.heldout_examples} must be >= 0 (0: no held-out loss in training)")
         if self.lr < 0 or self.warmup_steps < 0 or self.grad_clip < 0 or self.max_failures < -1:
             raise ValueError("train.lr, train.warmup_steps and train.grad_clip must be >= 0 (lr=0 trains nothing: "
                              "a baseline), train.max_failures >= -1 (-1 retries forever)")
+        if self.encoder_warmup_steps < 0:
+            raise ValueError(f"train.encoder_warmup_steps={self.encoder_warmup_steps} must be >= 0")
         if self.cross_attn_warmup_steps is not None and self.cross_attn_warmup_steps < 0:
             raise ValueError(f"train.cross_attn_warmup_steps={self.cross_attn_warmup_steps} must be >= 0")
         if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):

@@ -17,7 +17,7 @@ from typing import Callable, Dict, Iterator, List, Optional
 import torch
 
 from jobs.train import checkpoints
-from jobs.core.examples_io import IGNORE, token_losses
+from jobs.core.examples_io import IGNORE, seq2seq_logits, target_losses, token_losses
 from jobs.train.config import TrainConfig
 from jobs.train.metrics import FlopsModel, device_peak_flops
 from jobs.train.schedule import count_parameters, param_groups, set_learning_rate
@@ -42,6 +42,8 @@ class RunSpec:
     cross_attn_patterns: List[str]
     data_dir: str = ""  # the prepared examples (for the held-out split)
     heldout_examples: int = 0  # score this many held-out examples at every checkpoint
+    teacher_source: str = ""  # train.distill.teacher=online: the source model spec the teacher loads
+    teacher_dir: str = ""  # train.distill.teacher=precomputed: the teacher stage's output
     tracking_uri: Optional[str] = None  # None: no MLflow
     mlflow_run_id: Optional[str] = None
     env: Dict[str, str] = field(default_factory=dict)  # set in each worker before anything imports
@@ -82,6 +84,7 @@ def train(ctx: WorkerContext, spec: RunSpec) -> dict:
     batches = ctx.micro_batches(state["micro_batches"])
     engine.train()
     window = Window(len(spec.denoiser_names), ctx.device)
+    distill = Distillation.start(cfg, spec.teacher_source, ctx.device, window)
     batch = None
     try:
         while state["step"] < cfg.max_steps:
@@ -102,7 +105,7 @@ def train(ctx: WorkerContext, spec: RunSpec) -> dict:
             step_sums = torch.zeros(len(spec.denoiser_names), 2, dtype=torch.float64, device=ctx.device)
             for index, batch in enumerate(micro):
                 loss, by_denoiser = forward_loss(engine, batch, len(spec.denoiser_names), normaliser,
-                                                 cfg.loss_chunk_tokens)
+                                                 cfg.loss_chunk_tokens, distill)
                 # A non-finite loss still goes backward: under "skip" its gradients are not finite, and
                 # DeepSpeed's ZeRO optimizer discards any step whose gradient norm is not finite.
                 engine.backward(loss)
@@ -166,19 +169,23 @@ def stop(ctx: WorkerContext, spec: RunSpec, state: dict, reason: str) -> dict:
 
 
 def load_model(init_dir: str, cfg: TrainConfig) -> torch.nn.Module:
-    """The adapted checkpoint as a transformers module, in fp32 (DeepSpeed casts for bf16). Every
-    rank loads the whole model, also under ZeRO-3 (a partitioned build is not done yet)."""
+    """The adapted checkpoint as a transformers module, in fp32 (DeepSpeed casts for bf16). Under
+    ZeRO-3 it is built partitioned (jobs/train/partitioned.py): each rank holds only its share of
+    every parameter, and the parameters' tensors are placeholders until DeepSpeed gathers them.
+    Needs the process group to be up under ZeRO-3."""
     from transformers import AutoModelForSeq2SeqLM
 
     from jobs.core import storage
+    from jobs.train.partitioned import partitioned_build
 
     local = storage.local_copy(init_dir)
-    try:
-        # torch's fused attention kernels (flash / memory-efficient on GPU) where the model allows it.
-        model = AutoModelForSeq2SeqLM.from_pretrained(local, dtype=torch.float32, attn_implementation="sdpa")
-    except (ValueError, NotImplementedError) as e:  # a model without an SDPA path
-        log.info("attention: eager (%s)", e)
-        model = AutoModelForSeq2SeqLM.from_pretrained(local, dtype=torch.float32, attn_implementation="eager")
+    with partitioned_build(cfg):
+        try:
+            # torch's fused attention kernels (flash / memory-efficient on GPU) where the model allows it.
+            model = AutoModelForSeq2SeqLM.from_pretrained(local, dtype=torch.float32, attn_implementation="sdpa")
+        except (ValueError, NotImplementedError) as e:  # a model without an SDPA path
+            log.info("attention: eager (%s)", e)
+            model = AutoModelForSeq2SeqLM.from_pretrained(local, dtype=torch.float32, attn_implementation="eager")
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -186,26 +193,65 @@ def load_model(init_dir: str, cfg: TrainConfig) -> torch.nn.Module:
 
 
 def forward_loss(engine, batch: dict, num_denoisers: int, normaliser: Optional[torch.Tensor] = None,
-                 chunk_tokens: int = 0):
+                 chunk_tokens: int = 0, distill: Optional["Distillation"] = None):
     """(loss, by_denoiser): the sum of the decoder targets' cross-entropies (padding ignored) divided
     by `normaliser` (default: this batch's target count, i.e. the token mean), and per-denoiser
     [sum of token losses, token count] (float64, detached, on the batch's device) for logging.
-    chunk_tokens > 0: the logits of at most that many targets exist at once (chunked_loss.py)."""
+    chunk_tokens > 0: the logits of at most that many targets exist at once (chunked_loss.py).
+    distill: targets with a teacher (the batch's teacher_* keys) count (1 - weight) * cross-entropy
+    + weight * the distillation loss (distill.py); its sums go to distill.sums for logging."""
     if chunk_tokens:
         from jobs.train.chunked_loss import chunked_token_losses
 
         token_loss, mask = chunked_token_losses(engine, batch, chunk_tokens)
+        logits = None
     else:
-        token_loss, mask = token_losses(engine, batch)
+        logits = seq2seq_logits(engine, batch)
+        token_loss, mask = target_losses(logits, batch["labels"])
     labels = batch["labels"]
     if normaliser is None:
         normaliser = mask.sum().clamp(min=1)
-    loss = token_loss.sum() / normaliser
+    total = token_loss.sum()
+    if distill is not None and logits is not None and batch["teacher_rows"].numel():  # a shape: no host sync
+        total = distill.loss_sum(logits, token_loss, batch)
+    loss = total / normaliser
     with torch.no_grad():
         by_denoiser = torch.zeros(num_denoisers, 2, dtype=torch.float64, device=labels.device)
         by_denoiser[:, 0].index_add_(0, batch["denoiser"], token_loss.detach().sum(1).double())
         by_denoiser[:, 1].index_add_(0, batch["denoiser"], mask.sum(1).double())
     return loss, by_denoiser
+
+
+@dataclass
+class Distillation:
+    """Distillation in the loop: the config, the online teacher (None: log-probs come with the
+    batch, precomputed), and [distillation loss sum, targets with a teacher] since the last log."""
+    cfg: "object"  # DistillConfig
+    teacher: Optional[torch.nn.Module]
+    sums: torch.Tensor
+
+    @staticmethod
+    def start(cfg: TrainConfig, teacher_source: str, device: torch.device, window: "Window") -> Optional["Distillation"]:
+        if not cfg.distill.enabled:
+            return None
+        from jobs.train.distill import load_teacher
+
+        teacher = load_teacher(teacher_source, device, cfg.bf16) if cfg.distill.teacher == "online" else None
+        return Distillation(cfg.distill, teacher, window.distill)
+
+    def loss_sum(self, logits: torch.Tensor, token_loss: torch.Tensor, batch: dict) -> torch.Tensor:
+        """(1 - weight) * CE + weight * KD summed over targets with a teacher, plus CE elsewhere."""
+        from jobs.core.teacher_io import teacher_topk
+        from jobs.train.distill import kd_token_losses
+
+        soft = teacher_topk(self.teacher, batch, self.cfg.top_k) if self.teacher is not None else batch
+        kd = kd_token_losses(logits, soft, self.cfg.temperature)
+        covered = torch.zeros_like(token_loss)
+        covered[batch["teacher_rows"]] = batch["teacher_mask"].to(token_loss.dtype)
+        weight = self.cfg.weight
+        with torch.no_grad():
+            self.sums += torch.stack([kd.detach().sum().double(), batch["teacher_mask"].sum().double()])
+        return (token_loss * (1 - weight * covered)).sum() + weight * kd.sum()
 
 
 def global_targets(micro: List[dict], world_size: int) -> torch.Tensor:
@@ -247,12 +293,15 @@ class Window:
 
     def __init__(self, num_denoisers: int, device: torch.device):
         self.num_denoisers, self.device = num_denoisers, device
+        # [distillation loss sum, targets with a teacher]; zeroed in place, Distillation adds to it.
+        self.distill = torch.zeros(2, dtype=torch.float64, device=device)
         self.reset()
 
     def reset(self):
         self.steps, self.step_s, self.data_wait_s, self.examples = 0, 0.0, 0.0, 0
         self.by_denoiser = torch.zeros(self.num_denoisers, 2, dtype=torch.float64, device=self.device)
         self.real = torch.zeros(2, dtype=torch.float64, device=self.device)  # [real tokens, FLOPs at real lengths]
+        self.distill.zero_()
         self.grad_norm = None
 
     def add_batch(self, batch: dict, flops: FlopsModel):
@@ -269,11 +318,11 @@ def maybe_log(tracker, window: Window, state: dict, engine, lr: float, ctx: Work
     if step % cfg.log_every_steps and step != cfg.max_steps:
         return {}
     host = torch.tensor([window.examples, window.data_wait_s, window.step_s], dtype=torch.float64, device=ctx.device)
-    packed = torch.cat([host, window.real, window.by_denoiser.flatten()])
+    packed = torch.cat([host, window.real, window.distill, window.by_denoiser.flatten()])
     dist.all_reduce(packed)
     packed = packed.cpu()  # the one sync of a log step
-    examples, wait_s, step_s, real_tokens, real_flops = packed[:5].tolist()
-    by_denoiser = packed[5:].view(-1, 2)
+    examples, wait_s, step_s, real_tokens, real_flops, distill_sum, distill_targets = packed[:7].tolist()
+    by_denoiser = packed[7:].view(-1, 2)
     step_s /= ctx.world_size  # every rank timed the same steps
     loss_sum, targets = by_denoiser.sum(0).tolist()
     metrics = {"loss": loss_sum / targets if targets else float("nan"), "lr": lr,
@@ -282,6 +331,8 @@ def maybe_log(tracker, window: Window, state: dict, engine, lr: float, ctx: Work
                "model_tflops_per_s_real": real_flops / max(step_s, 1e-9) / 1e12,
                "data_wait_fraction": wait_s / ctx.world_size / max(step_s, 1e-9),
                "skipped_steps": state["skipped_steps"]}
+    if cfg.distill.enabled:
+        metrics["distill_loss"] = distill_sum / distill_targets if distill_targets else float("nan")
     grad_norm = window.grad_norm if window.grad_norm is not None else engine.get_global_grad_norm()
     if grad_norm is not None:
         metrics["grad_norm"] = float(grad_norm)

@@ -25,6 +25,7 @@ from typing import Dict, Optional
 
 import torch
 
+from jobs.train.partitioned import full_numel
 
 # Dense peak per device in TFLOP/s, from the vendors' datasheets; matched on the CUDA name. bf16:
 # tensor cores without sparsity; fp32: the non-tensor-core rate (torch leaves TF32 off for matmuls).
@@ -54,7 +55,7 @@ class FlopsModel:
             if id(param) in seen or "embed" in name or "lm_head" in name:
                 continue
             seen.add(id(param))
-            numel = param.numel()
+            numel = full_numel(param)  # a ZeRO-3 placeholder has 0 elements here
             if id(param) in reads_encoder:  # the decoder's K/V over encoder positions (and its own, if merged)
                 per_encoder += numel
                 per_decoder += numel if reads_encoder[id(param)] else 0

@@ -11,6 +11,12 @@ from typing import Dict, List, Sequence
 
 import torch
 
+from jobs.train.partitioned import full_numel, full_shape
+
+# The encoder's own weights (T5Gemma: encoder.layers / encoder.norm; T5Gemma 2: the text model under
+# encoder.text_model), never the shared embedding: what train.encoder_warmup_steps trains alone.
+ENCODER_PATTERNS = ("encoder.layers.", "encoder.norm.", "encoder.text_model.layers.", "encoder.text_model.norm.")
+
 
 def param_groups(model: torch.nn.Module, cross_attn_patterns: Sequence[str], weight_decay: float) -> List[Dict]:
     """AdamW groups: {cross-attention or not} x {decayed (matrices) or not (norms, biases)}.
@@ -23,7 +29,7 @@ def param_groups(model: torch.nn.Module, cross_attn_patterns: Sequence[str], wei
         if not param.requires_grad:
             continue
         phase = "cross_attn" if any(p in name for p in cross_attn_patterns) else "rest"
-        decay = param.ndim >= 2
+        decay = len(full_shape(param)) >= 2  # a ZeRO-3 placeholder is 1-d whatever its shape
         group = groups.setdefault((phase, decay), {"params": [], "weight_decay": weight_decay if decay else 0.0,
                                                    "t5adapt_phase": phase, "t5adapt_names": []})
         group["params"].append(param)
@@ -54,10 +60,11 @@ def set_learning_rate(optimizer, step: int, cfg, warmup_cross_attn: int) -> floa
 
 
 def count_parameters(groups: List[Dict], step: int, warmup_cross_attn: int) -> Dict[str, int]:
-    """Trainable and frozen parameter counts at `step` (numel of unique tensors)."""
+    """Trainable and frozen parameter counts at `step` (full numel of unique tensors, also when
+    ZeRO-3 built them partitioned)."""
     trainable = frozen = 0
     for group in groups:
-        n = sum(p.numel() for p in group["params"])
+        n = sum(full_numel(p) for p in group["params"])
         if step < warmup_cross_attn and group["t5adapt_phase"] != "cross_attn":
             frozen += n
         else:

@@ -53,15 +53,18 @@ def start_ray(cfg: TrainConfig) -> None:
 
 def run_train(cfg: TrainConfig, data_dir: str, init_dir: str, storage_root: str, key: str,
               tracking_uri: Optional[str] = None, mlflow_run_id: Optional[str] = None, force: bool = False,
-              callbacks: Optional[list] = None) -> dict:
+              callbacks: Optional[list] = None, teacher_source: str = "", teacher_dir: str = "") -> dict:
     """Train the adapted model in `init_dir` on the examples in `data_dir`, with checkpoints under
     `storage_root` (a directory or an s3:// prefix) and the final model at STORAGE/model. `key` is the
     stage key every checkpoint records; a re-run resumes from the newest intact checkpoint of that
     key. Metrics go to the MLflow run `mlflow_run_id` when given; `callbacks` are Ray Train callbacks
-    (a sweep passes Tune's TuneReportCallback: every checkpoint report is a Tune result). Returns a summary (final step,
-    model location, probe difference, tokens seen)."""
+    (a sweep passes Tune's TuneReportCallback: every checkpoint report is a Tune result). With
+    train.distill: the online teacher is the source `teacher_source`; a precomputed one is the teacher
+    stage's output `teacher_dir`. Returns a summary (final step, model location, probe difference,
+    tokens seen)."""
     advise(cfg)
     metadata = read_metadata(data_dir)
+    check_teacher(cfg, metadata, teacher_source, teacher_dir)
     adapt_info = json.loads(storage.read_text(storage.join(init_dir, "t5adapt_adapt.json")))
     check_compatible(metadata, data_dir, init_dir)
     check_readable(data_dir, metadata)
@@ -75,6 +78,8 @@ def run_train(cfg: TrainConfig, data_dir: str, init_dir: str, storage_root: str,
         check_world_size(storage_root, cfg, force)
         start_ray(cfg)
         spec = _spec(cfg, data_dir, init_dir, storage_root, metadata, adapt_info, key, tracking_uri, mlflow_run_id)
+        if cfg.distill.enabled:
+            spec.teacher_source, spec.teacher_dir = teacher_source, teacher_dir if cfg.distill.teacher == "precomputed" else ""
         if mlflow_run_id:
             from mlflow.tracking import MlflowClient
 
@@ -106,6 +111,30 @@ def run_train(cfg: TrainConfig, data_dir: str, init_dir: str, storage_root: str,
     tokens = final * cfg.global_batch * (metadata["encoder_length"] + metadata["decoder_length"])
     return {"step": final, "model": model, "probe_max_abs_diff": info.get("probe_max_abs_diff"),
             "storage": storage_root, "tokens_seen_padded": tokens}
+
+
+def check_teacher(cfg: TrainConfig, metadata: dict, teacher_source: str, teacher_dir: str) -> None:
+    """Distillation needs S examples in the data and its teacher: the source (online), or a
+    committed teacher output of this data with train.distill.top_k (precomputed)."""
+    if not cfg.distill.enabled:
+        return
+    from jobs.core.commits import is_committed
+    from jobs.core.teacher_io import TEACHER_INFO, TeacherLayout
+
+    TeacherLayout.of(metadata)
+    if cfg.distill.teacher == "online":
+        if not teacher_source:
+            raise UserError("train.distill.teacher=online needs the source model (adapt.source) as the teacher")
+        return
+    if not teacher_dir or not is_committed(teacher_dir):
+        raise UserError(f"train.distill.teacher=precomputed needs the teacher stage's output, and {teacher_dir or '(none)'} "
+                        "holds none: run `t5adapt run` (it builds the teacher stage first), or set "
+                        "train.distill.teacher=online")
+    info = json.loads(storage.read_text(storage.join(teacher_dir, TEACHER_INFO)))
+    if info.get("top_k") != cfg.distill.top_k or info.get("data_key") != metadata.get("config_hash"):
+        raise UserError(f"{teacher_dir} stores the top-{info.get('top_k')} of data {info.get('data_key')}, but training "
+                        f"asks for top-{cfg.distill.top_k} of data {metadata.get('config_hash')}: run the teacher "
+                        "stage again for this config (t5adapt run does)")
 
 
 @contextlib.contextmanager
@@ -227,12 +256,19 @@ def _spec(cfg: TrainConfig, data_dir: str, init_dir: str, storage_root: str, met
         if warmup_steps >= cfg.max_steps:
             log.warning("the cross-attention warm-up (%d steps) covers the whole run (train.max_steps=%d): "
                         "only cross-attention will train", warmup_steps, cfg.max_steps)
+    patterns = list(warmup["trainable_patterns"])
+    if cfg.encoder_warmup_steps:
+        # The warm-up phase widens to the encoder: it and the cross-attention train, the decoder waits.
+        from jobs.train.schedule import ENCODER_PATTERNS
+
+        warmup_steps = max(warmup_steps, cfg.encoder_warmup_steps)
+        patterns += list(ENCODER_PATTERNS)
     return RunSpec(train=cfg, init_dir=init_dir, storage=storage_root, config_hash=key, data_dir=data_dir,
                    heldout_examples=cfg.heldout_examples,
                    encoder_length=metadata["encoder_length"], decoder_length=metadata["decoder_length"],
                    pad_id=metadata["pad_id"], num_examples=metadata["num_examples"],
                    denoiser_names=denoiser_names(metadata),
-                   cross_attn_warmup_steps=warmup_steps, cross_attn_patterns=list(warmup["trainable_patterns"]),
+                   cross_attn_warmup_steps=warmup_steps, cross_attn_patterns=patterns,
                    tracking_uri=tracking_uri if mlflow_run_id else None, mlflow_run_id=mlflow_run_id,
                    env={k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ})
 

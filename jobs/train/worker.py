@@ -28,9 +28,14 @@ def train_loop_per_worker(config: dict) -> None:
         device = torch.device("cpu")
         torch.set_num_threads(max(1, int(spec.train.cpus_per_worker)))
     first, end = batches.rank_rows(spec.num_examples, rank, world)
-    reader = batches.RankReader(spec.data_dir, read_metadata(spec.data_dir), first, end)
+    metadata = read_metadata(spec.data_dir)
+    reader = batches.RankReader(spec.data_dir, metadata, first, end, spec.teacher_dir or None)
     per_epoch = batches.batches_per_epoch(spec.num_examples, world, spec.train.micro_batch_size, spec.data_dir)
     collate = make_collate(spec.encoder_length, spec.decoder_length, spec.pad_id)
+    if spec.train.distill.enabled:
+        from jobs.train.distill import with_teacher
+
+        collate = with_teacher(collate, spec.train.distill, metadata, spec.decoder_length)
 
     def micro_batches(start: int):
         return batches.micro_batches(reader, start, per_epoch, spec.train.micro_batch_size, spec.train.seed, rank,

@@ -1,0 +1,1 @@
+"""The teacher stage: the source model's top-k log-probs for distillation, stored beside prepared data."""

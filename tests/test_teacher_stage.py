@@ -1,0 +1,80 @@
+"""Distillation end to end through `t5adapt run` (real local Ray, Ray Data actors, Ray Train with
+DeepSpeed, a real MLflow store): the precomputed teacher is its own content-addressed stage, skipped
+when done and rebuilt when its key changes, and training reads it; the online teacher trains too."""
+
+import json
+import os
+
+import pytest
+
+from orchestrator.cli import main
+from tests.helpers import files as _files, mlflow_runs as _mlflow_runs
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "configs", "tiny.yaml")
+SMALL = ["train.num_workers=1", "train.zero_stage=0", "train.max_steps=2", "train.checkpoint_every_steps=2",
+         "evaluate.enabled=false", "data.objective=prefix_lm"]
+PRECOMPUTED = ["train.distill.enabled=true", "train.distill.teacher=precomputed", "train.distill.top_k=8",
+               "train.distill.teacher_batch_size=4"]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _ledger(root):
+    from orchestrator import ledger
+
+    return ledger.read(os.path.join(root, "tiny"))["stages"]
+
+
+def _distill_losses(root, train_run_id):
+    client, _, _ = _mlflow_runs(root)
+    return [m.value for m in client.get_metric_history(train_run_id, "distill_loss")]
+
+
+def test_precomputed_teacher_is_a_stage_skipped_when_done_and_rebuilt_when_its_key_changes(ray_cluster, tmp_path):
+    root = str(tmp_path)
+    assert main(["run", TINY, "--root", root] + SMALL + PRECOMPUTED) == 0
+    stages = _ledger(root)
+    assert {n: stages[n]["state"] for n in ("prepare", "adapt", "teacher", "train", "export")} == \
+        dict.fromkeys(("prepare", "adapt", "teacher", "train", "export"), "done")
+    teacher = stages["teacher"]["output"]
+    info = json.load(open(os.path.join(teacher, "teacher.json")))
+    assert info["top_k"] == 8 and info["teacher_examples"] == info["examples"] > 0 and info["targets"] > 0
+    metadata = json.load(open(os.path.join(stages["prepare"]["output"], "metadata.json")))
+    assert info["data_key"] == metadata["config_hash"]
+    assert {p["name"] for p in info["parts"]} == {f["name"] for f in metadata["files"]}
+    losses = _distill_losses(root, stages["train"]["mlflow_run_id"])
+    assert len(losses) == 2 and all(0 < x < 50 for x in losses)  # training read the stored top-k
+    _, _, runs = _mlflow_runs(root)
+    teacher_runs = [r for r in runs if r.info.run_name == "tiny/teacher"]
+    assert len(teacher_runs) == 1 and teacher_runs[0].data.metrics["teacher_examples"] == info["teacher_examples"]
+    assert teacher_runs[0].data.params["train.distill.top_k"] == "8"
+
+    before = _files(teacher)
+    assert main(["run", TINY, "--root", root] + SMALL + PRECOMPUTED) == 0
+    again = _ledger(root)
+    assert again["teacher"]["state"] == "reused" and again["train"]["state"] == "reused"
+    assert _files(teacher) == before
+
+    assert main(["run", TINY, "--root", root] + SMALL + PRECOMPUTED + ["train.distill.top_k=4"]) == 0
+    changed = _ledger(root)
+    assert changed["teacher"]["state"] == "done" and changed["teacher"]["key"] != stages["teacher"]["key"]
+    assert changed["train"]["state"] == "done" and changed["train"]["key"] != stages["train"]["key"]
+    assert json.load(open(os.path.join(changed["teacher"]["output"], "teacher.json")))["top_k"] == 4
+    assert _files(teacher) == before  # the old output stays, reusable if the key goes back
+
+
+def test_online_teacher_trains_without_a_teacher_stage(ray_cluster, tmp_path):
+    root = str(tmp_path)
+    assert main(["run", TINY, "--root", root] + SMALL + ["train.distill.enabled=true", "train.distill.top_k=0"]) == 0
+    stages = _ledger(root)
+    assert "teacher" not in stages and stages["train"]["state"] == "done"
+    losses = _distill_losses(root, stages["train"]["mlflow_run_id"])
+    assert len(losses) == 2 and all(0 < x < 50 for x in losses)
