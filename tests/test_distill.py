@@ -319,3 +319,56 @@ def test_the_loop_trains_on_the_distillation_loss(tmp_path):
                                        msg=lambda m, k=key: f"{k}: {m}")
             checked += 1
     assert checked >= len(reference) // 2, checked
+
+
+def _warmup_step(rank, world, init_dir, storage_root, patterns):
+    """One plain optimizer step of loop.train in the warm-up phase of `patterns`."""
+    from jobs.train.config import TrainConfig
+    from jobs.train.loop import RunSpec, WorkerContext, train
+
+    cfg = TrainConfig(max_steps=1, num_workers=1, micro_batch_size=2, zero_stage=0, lr=1e-2, warmup_steps=0,
+                      schedule="constant", checkpoint_every_steps=1, encoder_warmup_steps=5)
+    rows = _rows(_random_examples(2, seed=4))
+
+    def micro_batches(start):
+        while True:
+            yield make_collate(ENCODER, DECODER, PAD)(rows)
+
+    spec = RunSpec(train=cfg, init_dir=init_dir, storage=storage_root, config_hash="h", encoder_length=ENCODER,
+                   decoder_length=DECODER, pad_id=PAD, num_examples=2, denoiser_names=["R", "S"],
+                   cross_attn_warmup_steps=5, cross_attn_patterns=patterns)
+    context = WorkerContext(rank=rank, world_size=world, device=torch.device("cpu"), micro_batches=micro_batches,
+                            report=lambda metrics: None)
+    return train(context, spec)["step"]
+
+
+def test_encoder_warmup_trains_the_encoder_alone(tmp_path):
+    """train.encoder_warmup_steps: the train stage widens the warm-up to the encoder's own weights;
+    in it every decoder weight and the shared embedding stay bit for bit the source's."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    from jobs.adapt.stage import run_adapt
+    from jobs.train import checkpoints
+    from jobs.train.config import TrainConfig
+    from jobs.train.export import consolidated_state
+    from jobs.train.schedule import ENCODER_PATTERNS
+    from jobs.train.stage import _spec
+    from orchestrator.config import load_config
+    from tests.dist_harness import run_ranks
+
+    adapt_info = {"cross_attn_warmup": {"required": False, "steps": 0, "trainable_patterns": ["cross_attn."]}}
+    metadata = dict(METADATA, num_examples=2, files=[])
+    spec = _spec(TrainConfig(max_steps=10, encoder_warmup_steps=4), "data", "init", "store", metadata, adapt_info,
+                 "k", None, None)
+    assert spec.cross_attn_warmup_steps == 4 and set(ENCODER_PATTERNS) <= set(spec.cross_attn_patterns)
+
+    tiny = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.yaml")
+    init_dir = run_adapt(load_config(tiny).adapt, str(tmp_path / "adapted"), key="k")
+    storage_root = str(tmp_path / "train")
+    assert run_ranks(_warmup_step, 1, init_dir, storage_root, spec.cross_attn_patterns) == [1]
+    initial = AutoModelForSeq2SeqLM.from_pretrained(init_dir, dtype=torch.float32).state_dict()
+    trained = consolidated_state(checkpoints.step_dir(storage_root, 1))
+    moved = {k for k in trained if not torch.equal(trained[k], initial[k])}
+    assert moved and all(any(p in k for p in ENCODER_PATTERNS) for k in moved), sorted(moved)[:5]
+    assert any("encoder.text_model.layers." in k for k in moved)
+    assert not any("embed" in k or k.startswith("model.decoder.") for k in moved)
