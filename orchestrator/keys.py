@@ -32,13 +32,15 @@ def uses_teacher_stage(job) -> bool:
 
 
 def train_fields(train_cfg) -> dict:
-    """The train fields in the train key. Without distillation its sub-config is left out, so
-    turning the feature on changed no existing key."""
+    """The train fields in the train key. Fields added later stay out while they are off (no
+    distillation, no encoder warm-up), so adding them changed no existing key."""
     fields = {k: v for k, v in asdict(train_cfg).items() if k not in _TRAIN_NOT_KEYED}
     if train_cfg.distill.enabled:
         fields["distill"] = {k: v for k, v in fields["distill"].items() if k not in _DISTILL_NOT_KEYED}
     else:
         del fields["distill"]
+    if not train_cfg.encoder_warmup_steps:
+        del fields["encoder_warmup_steps"]
     fields["data_order"] = DATA_ORDER
     return fields
 

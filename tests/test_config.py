@@ -23,7 +23,7 @@ def write(tmp_path, text):
 
 
 def test_shipped_configs_load():
-    for name in ("tiny.yaml", "quickstart.yaml"):
+    for name in ("tiny.yaml", "quickstart.yaml", "prefixlm_distill.yaml"):
         job = load_config(os.path.join(REPO, "configs", name))
         assert job.adapt.source.startswith("builtin:")
     assert load_config(TINY).adapt.max_shard_mb == 1
