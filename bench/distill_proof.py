@@ -245,12 +245,14 @@ def main():
             arms.append(train_arm(init, objective, initial, datasets[objective], teacher, probe_set, args, args.seed))
             save(args, references, arms)
             release_memory()
+        os.remove(initial[1])  # 3 GB
     winner = min(arms, key=lambda a: a["curve"][-1]["encoder"])
     if not args.no_repeat:
         initial = initial_state(winner["init"], args, job.adapt, args.seed + 1)
         arms.append(train_arm(winner["init"], winner["objective"], initial, datasets[winner["objective"]], teacher,
                               probe_set, args, args.seed + 1))
         save(args, references, arms)
+        os.remove(initial[1])
     print_table(args, references, arms)
     plot(args, references, arms)
 
