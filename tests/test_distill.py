@@ -253,3 +253,144 @@ def test_fields_added_while_off_leave_train_keys_as_they_were():
     before["data_order"] = DATA_ORDER
     assert stages["train"].key == stage_key("train", before, {"prepare": stages["prepare"].key,
                                                               "adapt": stages["adapt"].key})
+
+
+LR = EPS = 1e6  # AdamW's first step is then -g (to ~1e-5): the weight change reads out the gradient
+WEIGHT = 0.5
+
+
+def _one_distilled_step(rank, world, init_dir, storage_root):
+    """One optimizer step of loop.train with online distillation (full vocabulary), ZeRO-2; rank r
+    takes examples 2r, 2r + 1."""
+    from jobs.train.config import TrainConfig
+    from jobs.train.loop import RunSpec, WorkerContext, train
+
+    cfg = TrainConfig(max_steps=1, num_workers=world, micro_batch_size=2, zero_stage=2, lr=LR, adam_eps=EPS,
+                      weight_decay=0.0, grad_clip=0.0, warmup_steps=0, schedule="constant", checkpoint_every_steps=1,
+                      distill=DistillConfig(enabled=True, weight=WEIGHT, temperature=1.0, top_k=0))
+    rows = _rows(_random_examples(4, seed=3))
+    mine = {c: v[rank * 2:rank * 2 + 2] for c, v in rows.items()}
+
+    def micro_batches(start):
+        while True:
+            yield _batch(mine)
+
+    spec = RunSpec(train=cfg, init_dir=init_dir, storage=storage_root, config_hash="h", encoder_length=ENCODER,
+                   decoder_length=DECODER, pad_id=PAD, num_examples=4, denoiser_names=["R", "S"],
+                   cross_attn_warmup_steps=0, cross_attn_patterns=[], teacher_source="builtin:tiny-gemma3")
+    context = WorkerContext(rank=rank, world_size=world, device=torch.device("cpu"), micro_batches=micro_batches,
+                            report=lambda metrics: None)
+    return train(context, spec)["step"]
+
+
+def _reference_gradient(init_dir):
+    """d/dw of [sum over targets of CE, with (1 - w) CE + w KL(teacher || student) where the source
+    reads BOS + prefix + target before it] / all targets, by plain PyTorch: the teacher's own full
+    forward on each example alone, positions counted by hand, torch's kl_div."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    from jobs.core.sources import load_causal_lm
+
+    examples = _random_examples(4, seed=3)
+    student = AutoModelForSeq2SeqLM.from_pretrained(init_dir, dtype=torch.float32).train()
+    teacher = load_causal_lm("builtin:tiny-gemma3")
+    batch = make_collate(ENCODER, DECODER, PAD)(_rows(examples))
+    logits = seq2seq_logits(student, batch)
+    total, targets = 0.0, 0
+    for i, (denoiser, prefix, target) in enumerate(examples):
+        labels = list(target) + [EOS]
+        log_p = torch.log_softmax(logits[i, :len(labels)], -1)
+        ce = -log_p[torch.arange(len(labels)), torch.tensor(labels)]
+        targets += len(labels)
+        if denoiser != 1:
+            total = total + ce.sum()
+            continue
+        sequence = torch.tensor([[BOS] + list(prefix) + list(target)])
+        with torch.no_grad():
+            log_q = torch.log_softmax(teacher(input_ids=sequence).logits[0], -1)
+        # Position len(prefix) + t (0 = BOS) has read the prefix and target[:t]: it predicts target[t].
+        log_q = log_q[len(prefix):len(prefix) + len(target)]
+        kl = torch.nn.functional.kl_div(log_p[:len(target)], log_q, log_target=True, reduction="none").sum(-1)
+        total = total + (1 - WEIGHT) * ce[:len(target)].sum() + WEIGHT * kl.sum() + ce[len(target):].sum()
+    (total / targets).backward()
+    return {k: p.grad for k, p in student.named_parameters() if p.grad is not None}
+
+
+def test_the_loop_trains_on_the_distillation_loss(tmp_path):
+    """Two gloo ranks (DeepSpeed ZeRO-2), online teacher: the step's gradient equals the reference's."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    from jobs.adapt.stage import run_adapt
+    from jobs.train import checkpoints
+    from jobs.train.export import consolidated_state
+    from orchestrator.config import load_config
+    from tests.dist_harness import run_ranks
+
+    tiny = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.yaml")
+    init_dir = run_adapt(load_config(tiny).adapt, str(tmp_path / "adapted"), key="k")
+    storage_root = str(tmp_path / "train")
+    assert run_ranks(_one_distilled_step, 2, init_dir, storage_root) == [1, 1]
+    initial = AutoModelForSeq2SeqLM.from_pretrained(init_dir, dtype=torch.float32).state_dict()
+    trained = consolidated_state(checkpoints.step_dir(storage_root, 1))
+    reference = _reference_gradient(init_dir)
+    checked = 0
+    for key, grad in reference.items():
+        if key in trained:
+            update = trained[key] - initial[key]
+            torch.testing.assert_close(-update, grad / (1 + grad.abs() / EPS), rtol=2e-4, atol=5e-7,
+                                       msg=lambda m, k=key: f"{k}: {m}")
+            checked += 1
+    assert checked >= len(reference) // 2, checked
+
+
+def _warmup_step(rank, world, init_dir, storage_root, patterns):
+    """One plain optimizer step of loop.train in the warm-up phase of `patterns`."""
+    from jobs.train.config import TrainConfig
+    from jobs.train.loop import RunSpec, WorkerContext, train
+
+    cfg = TrainConfig(max_steps=1, num_workers=1, micro_batch_size=2, zero_stage=0, lr=1e-2, warmup_steps=0,
+                      schedule="constant", checkpoint_every_steps=1, encoder_warmup_steps=5)
+    rows = _rows(_random_examples(2, seed=4))
+
+    def micro_batches(start):
+        while True:
+            yield make_collate(ENCODER, DECODER, PAD)(rows)
+
+    spec = RunSpec(train=cfg, init_dir=init_dir, storage=storage_root, config_hash="h", encoder_length=ENCODER,
+                   decoder_length=DECODER, pad_id=PAD, num_examples=2, denoiser_names=["R", "S"],
+                   cross_attn_warmup_steps=5, cross_attn_patterns=patterns)
+    context = WorkerContext(rank=rank, world_size=world, device=torch.device("cpu"), micro_batches=micro_batches,
+                            report=lambda metrics: None)
+    return train(context, spec)["step"]
+
+
+def test_encoder_warmup_trains_the_encoder_alone(tmp_path):
+    """train.encoder_warmup_steps: the train stage widens the warm-up to the encoder's own weights;
+    in it every decoder weight and the shared embedding stay bit for bit the source's."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    from jobs.adapt.stage import run_adapt
+    from jobs.train import checkpoints
+    from jobs.train.config import TrainConfig
+    from jobs.train.export import consolidated_state
+    from jobs.train.schedule import ENCODER_PATTERNS
+    from jobs.train.stage import _spec
+    from orchestrator.config import load_config
+    from tests.dist_harness import run_ranks
+
+    adapt_info = {"cross_attn_warmup": {"required": False, "steps": 0, "trainable_patterns": ["cross_attn."]}}
+    metadata = dict(METADATA, num_examples=2, files=[])
+    spec = _spec(TrainConfig(max_steps=10, encoder_warmup_steps=4), "data", "init", "store", metadata, adapt_info,
+                 "k", None, None)
+    assert spec.cross_attn_warmup_steps == 4 and set(ENCODER_PATTERNS) <= set(spec.cross_attn_patterns)
+
+    tiny = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.yaml")
+    init_dir = run_adapt(load_config(tiny).adapt, str(tmp_path / "adapted"), key="k")
+    storage_root = str(tmp_path / "train")
+    assert run_ranks(_warmup_step, 1, init_dir, storage_root, spec.cross_attn_patterns) == [1]
+    initial = AutoModelForSeq2SeqLM.from_pretrained(init_dir, dtype=torch.float32).state_dict()
+    trained = consolidated_state(checkpoints.step_dir(storage_root, 1))
+    moved = {k for k in trained if not torch.equal(trained[k], initial[k])}
+    assert moved and all(any(p in k for p in ENCODER_PATTERNS) for k in moved), sorted(moved)[:5]
+    assert any("encoder.text_model.layers." in k for k in moved)
+    assert not any("embed" in k or k.startswith("model.decoder.") for k in moved)
