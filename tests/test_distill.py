@@ -158,7 +158,8 @@ def _prepared_part(root, rows):
 def test_stored_top_k_round_trips_exactly(tiny, tmp_path):
     """teach_part -> Parquet -> RankReader beside the prepared part -> collate_stored gives bitwise
     what the online teacher computes; R rows store nothing; a teacher file of other rows is refused."""
-    from jobs.teacher.stage import teach_part, write_part
+    from jobs.core.examples_io import COLUMNS, read_table, write_parquet
+    from jobs.teacher.stage import teach_part
     from jobs.train.batches import RankReader
 
     _, teacher = tiny
@@ -167,9 +168,9 @@ def test_stored_top_k_round_trips_exactly(tiny, tmp_path):
     rows = _rows(_random_examples(7, seed=2))
     metadata = _prepared_part(str(data), rows)
     layout = TeacherLayout.of(METADATA)
-    table = teach_part(teacher, str(data / "part-000000.parquet"), layout, top_k=5, batch_size=3,
-                       decoder_length=DECODER)
-    write_part(table, str(stored / "part-000000.parquet"))
+    table = teach_part(teacher, read_table(str(data), "part-000000.parquet", COLUMNS),
+                       layout, top_k=5, batch_size=3, decoder_length=DECODER)
+    write_parquet(table, str(stored), "part-000000.parquet")
     lengths = [len(x) for x in table.column("teacher_ids").to_pylist()]
     assert [n > 0 for n in lengths] == [d == 1 for d in rows["denoiser"]]
 
@@ -183,7 +184,7 @@ def test_stored_top_k_round_trips_exactly(tiny, tmp_path):
                            want[key][want["teacher_mask"]] if want[key].dim() > 2 else want[key]), key
 
     shuffled = table.take([1, 0, 2, 3, 4, 5, 6])
-    write_part(shuffled, str(stored / "part-000000.parquet"))
+    write_parquet(shuffled, str(stored), "part-000000.parquet")
     with pytest.raises(UserError, match="row for row"):
         RankReader(str(data), metadata, 0, 7, str(stored)).rows(np.arange(7))
 

@@ -72,7 +72,7 @@ def read_examples(data_dir: str, names: Optional[List[str]] = None, limit: Optio
     metadata = read_metadata(data_dir)
     if names is None:
         names = [f["name"] for f in metadata["files"]]
-    tables = [_read_table(data_dir, name, COLUMNS) for name in names]
+    tables = [read_table(data_dir, name, COLUMNS) for name in names]
     columns = {c: [np.asarray(x) for t in tables for x in t.column(c).to_pylist()] for c in COLUMNS}
     order = np.argsort(columns["example_index"], kind="stable")[:limit]
     return metadata, {c: ragged([columns[c][i] for i in order]) for c in COLUMNS}
@@ -92,7 +92,7 @@ def read_heldout_examples(data_dir: str, limit: Optional[int] = None):
 def read_heldout_documents(data_dir: str) -> List[np.ndarray]:
     """The held-out documents' token ids (int64 arrays, each ending with EOS), in file order."""
     _require_heldout(data_dir, HELDOUT_DOCUMENTS)
-    table = _read_table(data_dir, HELDOUT_DOCUMENTS, ["tokens"])
+    table = read_table(data_dir, HELDOUT_DOCUMENTS, ["tokens"])
     return [np.asarray(t, dtype=np.int64) for t in table.column("tokens").to_pylist()]
 
 
@@ -110,11 +110,30 @@ def _require_heldout(data_dir: str, name: str) -> None:
                         "t5adapt; prepare it again (t5adapt prepare ... --force) or set evaluate.enabled=false")
 
 
-def _read_table(data_dir: str, name: str, columns: List[str]):
+def read_table(data_dir: str, name: str, columns: List[str]):
+    """Columns of the Parquet file `name` under `data_dir` (a directory or s3:// prefix)."""
     import pyarrow.parquet as pq
 
     filesystem, root = storage.arrow_filesystem(data_dir)
     return pq.read_table(f"{root}/{name}", columns=columns, filesystem=filesystem)
+
+
+def write_parquet(table, out: str, name: str) -> None:
+    """Into a local directory, or (s3:// output) uploaded by the worker that made it: on a multi-node
+    cluster no file is left on a node's local disk. `name` may name a subdirectory (heldout/...)."""
+    import os
+    import tempfile
+
+    import pyarrow.parquet as pq
+
+    if not storage.is_s3(out):
+        os.makedirs(os.path.dirname(os.path.join(out, name)), exist_ok=True)
+        pq.write_table(table, os.path.join(out, name), compression="zstd")
+        return
+    with tempfile.TemporaryDirectory(prefix="t5adapt-part-") as scratch:
+        local = os.path.join(scratch, os.path.basename(name))
+        pq.write_table(table, local, compression="zstd")
+        storage.upload_file(local, storage.join(out, name))
 
 
 def token_losses(model, batch: dict):

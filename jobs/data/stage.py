@@ -35,6 +35,7 @@ from jobs.data.plan import ExamplePlan, denoising_tokens, make_plan
 from jobs.core import storage
 from jobs.core.commits import commit, reusable, staging_dir
 from jobs.core.errors import UserError
+from jobs.core.examples_io import write_parquet
 
 log = logging.getLogger("t5adapt.prepare")
 METADATA = "metadata.json"
@@ -166,7 +167,7 @@ def _build_and_write(batch: Dict[str, np.ndarray], visits_by_piece: Dict[tuple, 
                 continue  # a piece too short for even one example
             columns = build_examples(np.asarray(tokens, dtype=np.int32), visit["start"], visit["count"], plan, seed)
             name = f"part-{visit['position']:06d}.parquet"
-            _write_parquet(examples_table(columns), out, name)
+            write_parquet(examples_table(columns), out, name)
             lengths = [len(x) for x in columns["input_ids"]], [len(y) for y in columns["labels"]]
             used = sum(plan.denoisers[d].raw_length for d in columns["denoiser"])
             for key, value in (("position", visit["position"]), ("file", name), ("examples", visit["count"]),
@@ -174,23 +175,6 @@ def _build_and_write(batch: Dict[str, np.ndarray], visits_by_piece: Dict[tuple, 
                                ("used_tokens", used), ("denoisers", json.dumps(Counter(columns["denoiser"])))):
                 stats[key].append(value)
     return stats
-
-
-def _write_parquet(table, out: str, name: str) -> None:
-    """Into a local directory, or (s3:// output) uploaded by the worker that made it: on a multi-node
-    cluster no file is left on a node's local disk. `name` may name a subdirectory (heldout/...)."""
-    import tempfile
-
-    import pyarrow.parquet as pq
-
-    if not storage.is_s3(out):
-        os.makedirs(os.path.dirname(os.path.join(out, name)), exist_ok=True)
-        pq.write_table(table, os.path.join(out, name), compression="zstd")
-        return
-    with tempfile.TemporaryDirectory(prefix="t5adapt-part-") as scratch:
-        local = os.path.join(scratch, os.path.basename(name))
-        pq.write_table(table, local, compression="zstd")
-        storage.upload_file(local, storage.join(out, name))
 
 
 def _write_heldout(kept: List[tuple], plan: ExamplePlan, seed: int, out: str) -> dict:
@@ -201,8 +185,8 @@ def _write_heldout(kept: List[tuple], plan: ExamplePlan, seed: int, out: str) ->
     stream = np.concatenate([tokens for *_, tokens in kept]) if kept else np.empty(0, np.int32)
     count = count_examples(len(stream), 0, plan, seed)
     columns = build_examples(stream, 0, count, plan, seed)
-    _write_parquet(examples_table(columns), out, HELDOUT_EXAMPLES)
-    _write_parquet(pa.table({"tokens": pa.array([tokens for *_, tokens in kept], pa.list_(pa.int32())),
+    write_parquet(examples_table(columns), out, HELDOUT_EXAMPLES)
+    write_parquet(pa.table({"tokens": pa.array([tokens for *_, tokens in kept], pa.list_(pa.int32())),
                              "source": pa.array([source for source, *_ in kept], pa.int32())}), out, HELDOUT_DOCUMENTS)
     per_denoiser = Counter(columns["denoiser"])
     return {"documents": len(kept), "tokens": len(stream), "examples": count,

@@ -12,7 +12,6 @@ stage key, so the controller skips a finished one and rebuilds when its key chan
 
 import json
 import logging
-import os
 import time
 from typing import Dict, List
 
@@ -20,7 +19,7 @@ import numpy as np
 
 from jobs.core import storage
 from jobs.core.commits import commit, reusable, staging_dir
-from jobs.core.examples_io import COLUMNS, read_metadata
+from jobs.core.examples_io import COLUMNS, read_metadata, read_table, write_parquet
 from jobs.core.teacher_io import TEACHER_COLUMNS, TEACHER_INFO, TeacherLayout, collate_online, teacher_topk
 
 log = logging.getLogger("t5adapt.teacher")
@@ -45,9 +44,9 @@ class TeachParts:
         stats = {"name": [], "examples": [], "teacher_examples": [], "targets": [], "seconds": []}
         for name in batch["name"]:
             started = time.perf_counter()
-            table = teach_part(self.teacher, storage.join(self.data_dir, name), self.layout, self.top_k,
+            table = teach_part(self.teacher, read_table(self.data_dir, name, COLUMNS), self.layout, self.top_k,
                                self.batch_size, self.decoder_length)
-            write_part(table, storage.join(self.out, name))
+            write_parquet(table, self.out, name)
             lengths = np.array([len(x) for x in table.column("teacher_ids").to_pylist()])
             stats["name"].append(name)
             stats["examples"].append(table.num_rows)
@@ -57,14 +56,12 @@ class TeachParts:
         return stats
 
 
-def teach_part(teacher, path: str, layout: TeacherLayout, top_k: int, batch_size: int, decoder_length: int):
-    """The teacher table of one prepared part: example_index + TEACHER_COLUMNS, in the part's row order."""
+def teach_part(teacher, table, layout: TeacherLayout, top_k: int, batch_size: int, decoder_length: int):
+    """The teacher table of one prepared part (an Arrow table of COLUMNS): example_index +
+    TEACHER_COLUMNS, in the part's row order."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
     import torch
 
-    filesystem, root = storage.arrow_filesystem(path)
-    table = pq.read_table(root, columns=COLUMNS, filesystem=filesystem)
     rows = {c: table.column(c).to_numpy(zero_copy_only=False) for c in COLUMNS}
     ids: List[np.ndarray] = [np.zeros(0, np.int32)] * table.num_rows
     logprobs: List[np.ndarray] = [np.zeros(0, np.float32)] * table.num_rows
@@ -83,15 +80,6 @@ def teach_part(teacher, path: str, layout: TeacherLayout, top_k: int, batch_size
     return pa.table({"example_index": table.column("example_index"),
                      TEACHER_COLUMNS[0]: pa.array(ids, pa.list_(pa.int32())),
                      TEACHER_COLUMNS[1]: pa.array(logprobs, pa.list_(pa.float32()))})
-
-
-def write_part(table, path: str) -> None:
-    import pyarrow.parquet as pq
-
-    filesystem, root = storage.arrow_filesystem(path)
-    if filesystem is None:
-        os.makedirs(os.path.dirname(root), exist_ok=True)
-    pq.write_table(table, root, filesystem=filesystem)
 
 
 def run_teacher(cfg, source_spec: str, data_dir: str, out: str, key: str, force: bool = False) -> dict:
