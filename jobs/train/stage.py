@@ -77,9 +77,8 @@ def run_train(cfg: TrainConfig, data_dir: str, init_dir: str, storage_root: str,
         check_previous_checkpoints(storage_root, key, force)
         check_world_size(storage_root, cfg, force)
         start_ray(cfg)
-        spec = _spec(cfg, data_dir, init_dir, storage_root, metadata, adapt_info, key, tracking_uri, mlflow_run_id)
-        if cfg.distill.enabled:
-            spec.teacher_source, spec.teacher_dir = teacher_source, teacher_dir if cfg.distill.teacher == "precomputed" else ""
+        spec = _spec(cfg, data_dir, init_dir, storage_root, metadata, adapt_info, key, tracking_uri, mlflow_run_id,
+                     teacher_source, teacher_dir)
         if mlflow_run_id:
             from mlflow.tracking import MlflowClient
 
@@ -248,7 +247,8 @@ def check_previous_checkpoints(storage_root: str, config_hash: str, force: bool)
 
 
 def _spec(cfg: TrainConfig, data_dir: str, init_dir: str, storage_root: str, metadata: dict, adapt_info: dict,
-          key: str, tracking_uri: Optional[str], mlflow_run_id: Optional[str]) -> RunSpec:
+          key: str, tracking_uri: Optional[str], mlflow_run_id: Optional[str], teacher_source: str = "",
+          teacher_dir: str = "") -> RunSpec:
     warmup = adapt_info["cross_attn_warmup"]
     warmup_steps = 0
     if warmup["required"]:
@@ -270,6 +270,8 @@ def _spec(cfg: TrainConfig, data_dir: str, init_dir: str, storage_root: str, met
                    denoiser_names=denoiser_names(metadata),
                    cross_attn_warmup_steps=warmup_steps, cross_attn_patterns=patterns,
                    tracking_uri=tracking_uri if mlflow_run_id else None, mlflow_run_id=mlflow_run_id,
+                   teacher_source=teacher_source if cfg.distill.enabled else "",
+                   teacher_dir=teacher_dir if cfg.distill.enabled and cfg.distill.teacher == "precomputed" else "",
                    env={k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ})
 
 
