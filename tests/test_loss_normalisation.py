@@ -40,9 +40,9 @@ def _collate(rows):
 
 
 def _one_step_each(rank, world, init_dir, runs):
-    """_one_step for each (storage_root, micro_batch_size, grad_accum_steps, zero_stage[, chunk]) in
-    `runs`, in one process per rank (spawning ranks costs far more than a tiny step); with 2 ranks
-    also what loop.load_model builds on this rank under ZeRO-3 (_partitioned_build)."""
+    """_one_step for each tuple of its arguments after init_dir in `runs`, in one process per rank
+    (spawning ranks costs far more than a tiny step); with 2 ranks also what loop.load_model builds
+    on this rank under ZeRO-3 (_partitioned_build)."""
     built = _partitioned_build(init_dir, world) if world > 1 else None
     return [_one_step(rank, world, init_dir, *run) for run in runs], built
 
@@ -76,7 +76,8 @@ def _partitioned_build(init_dir, world):
             **_model_facts(model)}
 
 
-def _one_step(rank, world, init_dir, storage_root, micro_batch_size, grad_accum_steps, zero_stage, chunk=0):
+def _one_step(rank, world, init_dir, storage_root, micro_batch_size, grad_accum_steps, zero_stage, chunk=0,
+              checkpointing=False):
     """Rank `rank`'s part: examples rank*k .. in order, one optimizer step through loop.train."""
     from jobs.train.config import TrainConfig
     from jobs.train.loop import RunSpec, WorkerContext, train
@@ -84,7 +85,7 @@ def _one_step(rank, world, init_dir, storage_root, micro_batch_size, grad_accum_
     cfg = TrainConfig(max_steps=1, num_workers=world, micro_batch_size=micro_batch_size,
                       grad_accum_steps=grad_accum_steps, zero_stage=zero_stage, lr=LR, adam_eps=EPS,
                       weight_decay=0.0, grad_clip=0.0, warmup_steps=0, schedule="constant", checkpoint_every_steps=1,
-                      loss_chunk_tokens=chunk)
+                      loss_chunk_tokens=chunk, activation_checkpointing=checkpointing)
     rows = _examples()
     per_rank = micro_batch_size * grad_accum_steps
     mine = rows[rank * per_rank:(rank + 1) * per_rank]
@@ -154,6 +155,14 @@ def test_gradients_do_not_depend_on_how_the_batch_is_split(init_dir, tmp_path):
             # from both ranks (unequal counts once crashed a rank in gloo).
             runs.append((str(tmp_path / "2-chunked-zero3"), 2, 1, 3, 3))
             names.append("2 ranks, micro-batch 2, ZeRO-3, loss in chunks of 3 targets")
+            # The same chunks under ZeRO-2, where the head's weight is whole on each rank and its
+            # gradient (summed over chunks) is reduced once with the others.
+            runs.append((str(tmp_path / "2-chunked-zero2"), 2, 1, 2, 3))
+            names.append("2 ranks, micro-batch 2, ZeRO-2, loss in chunks of 3 targets")
+            # Activation checkpointing on the partitioned build: the backward's re-run forward gathers
+            # each layer's parameters again.
+            runs.append((str(tmp_path / "2-checkpointed-zero3"), 1, 2, 3, 0, True))
+            names.append("2 ranks, 2 accumulation steps of 1, ZeRO-3, activation checkpointing")
         results = run_ranks(_one_step_each, world, init_dir, runs)
         assert [steps for steps, _ in results] == [[1] * len(runs)] * world
         if world == 2:
