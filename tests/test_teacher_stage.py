@@ -1,6 +1,7 @@
 """Distillation end to end through `t5adapt run` (real local Ray, Ray Data actors, Ray Train with
-DeepSpeed, a real MLflow store): the precomputed teacher is its own content-addressed stage, skipped
-when done and rebuilt when its key changes, and training reads it; the online teacher trains too."""
+DeepSpeed, a real MLflow store, a real S3 endpoint on loopback): the precomputed teacher is its own
+content-addressed stage, skipped when done and rebuilt when its key changes, and training reads it,
+from a local store or an s3:// one; the online teacher trains too."""
 
 import json
 import os
@@ -19,7 +20,8 @@ PRECOMPUTED = ["train.distill.enabled=true", "train.distill.teacher=precomputed"
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
+def ray_cluster(s3_endpoint):
+    """Ray starts after the S3 server, so its workers (the teacher's actors) inherit the endpoint."""
     import ray
 
     ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
@@ -69,6 +71,42 @@ def test_precomputed_teacher_is_a_stage_skipped_when_done_and_rebuilt_when_its_k
     assert changed["train"]["state"] == "done" and changed["train"]["key"] != stages["train"]["key"]
     assert json.load(open(os.path.join(changed["teacher"]["output"], "teacher.json")))["top_k"] == 4
     assert _files(teacher) == before  # the old output stays, reusable if the key goes back
+
+
+def _objects(s3, bucket):
+    """{key: (ETag, LastModified)} of every object in `bucket`."""
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+    return {o["Key"]: (o["ETag"], o["LastModified"]) for page in pages for o in page.get("Contents", [])}
+
+
+def test_precomputed_teacher_on_an_s3_store_is_written_there_read_by_training_and_reused(ray_cluster, tmp_path):
+    import boto3
+
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="teacher")
+    root = str(tmp_path)
+    command = ["run", TINY, "--root", root, "store=s3://teacher/stages"] + SMALL + PRECOMPUTED
+    assert main(command) == 0
+    stages = _ledger(root)
+    assert stages["teacher"]["state"] == "done" and stages["train"]["state"] == "done"
+    teacher = stages["teacher"]["output"]
+    assert teacher.startswith("s3://teacher/stages/teacher-")
+    objects = _objects(s3, "teacher")
+    prefix = teacher[len("s3://teacher/"):] + "/"
+    stored = {k[len(prefix):] for k in objects if k.startswith(prefix)}
+    info = json.loads(s3.get_object(Bucket="teacher", Key=prefix + "teacher.json")["Body"].read())
+    assert info["top_k"] == 8 and info["teacher_examples"] > 0 and info["config_hash"] == stages["teacher"]["key"]
+    metadata = json.loads(s3.get_object(Bucket="teacher", Key=stages["prepare"]["output"][len("s3://teacher/"):]
+                                        + "/metadata.json")["Body"].read())
+    parts = {f["name"] for f in metadata["files"]}
+    assert parts and stored == parts | {"teacher.json", "COMMITTED"}  # one file per part, named alike
+    losses = _distill_losses(root, stages["train"]["mlflow_run_id"])
+    assert len(losses) == 2 and all(0 < x < 50 for x in losses)  # training read the stored top-k
+
+    assert main(command) == 0
+    again = _ledger(root)
+    assert again["teacher"]["state"] == "reused" and again["train"]["state"] == "reused"
+    assert _objects(s3, "teacher") == objects  # nothing in the bucket was written again
 
 
 def test_online_teacher_trains_without_a_teacher_stage(ray_cluster, tmp_path):
