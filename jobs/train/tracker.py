@@ -21,12 +21,14 @@ FLUSH_TIMEOUT_S = 120.0  # at the end, how long to wait for queued records befor
 
 class RankZeroTracker:
     def __init__(self, spec, ctx, peak: dict, padded_flops_per_example: float):
-        from mlflow.tracking import MlflowClient
-
         self.spec, self.ctx = spec, ctx
         self.peak_flops = peak["flops"]
         self.padded_flops = padded_flops_per_example
-        self.client = MlflowClient(tracking_uri=spec.tracking_uri) if spec.mlflow_run_id else None
+        self.client = None  # no MLflow run: metrics are only derived and returned (bench/gpu_train.py)
+        if spec.mlflow_run_id:
+            from mlflow.tracking import MlflowClient
+
+            self.client = MlflowClient(tracking_uri=spec.tracking_uri)
         self.run_id = spec.mlflow_run_id
         self.logged_through = self._logged_through()
         self._queue: "queue.Queue" = queue.Queue()
