@@ -48,7 +48,8 @@ def reusable(out: str, info_file: str, digest: str, force: bool) -> Optional[dic
     if force:
         return None
     if not is_committed(out):
-        if os.path.exists(out):  # a local leftover; an s3:// prefix without marker is emptied quietly
+        # An s3:// prefix without its marker is emptied quietly by staging_dir; a local leftover is named.
+        if not storage.is_s3(out) and os.path.exists(out):
             log.warning("%s has no %s marker (an interrupted run); building it again", out, COMMIT_MARKER)
         return None
     info_path = storage.join(out, info_file)
