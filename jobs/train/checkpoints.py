@@ -3,7 +3,7 @@
   STORAGE/checkpoints/step-000040/
       ds/...                     DeepSpeed's files: every rank writes its own (ZeRO shards)
       trainer_state.json         step, data position (micro-batches consumed), counters
-      probe.pt                   final checkpoint only: a batch and the logits the engine gave it
+      probe.pt                   final checkpoint only: one example and the logits the engine gave it
       manifest.json              step, data position, config hash, world size, each rank's files,
                                  sha256 and size of every file
       COMMITTED                  written last; discovery ignores a directory without it
