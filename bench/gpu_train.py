@@ -20,11 +20,15 @@ Synthetic examples: random token ids; real lengths drawn uniformly in [0.75, 1] 
 
 Two steps:
   here (needs the real source and pip's registry):  .venv/bin/python bench/gpu_train.py prepare
-      writes bench/out/gpu/: model/config.json and wheels/ (deepspeed, transformers and their
-      packages the GPU machine lacks)
-  on the GPU machine (device `run` with carry ["bench/out/gpu"]):
+      writes bench/out/gpu/ (36 MB): model/config.json, and wheels/ for Python 3.12 of DeepSpeed,
+      transformers, accelerate and what they require, at the versions installed here, less torch
+      and numpy (see REQUIREMENTS)
+  on the GPU machine (device `run` with carry ["bench/out/gpu"]), one call of about 7 minutes:
       python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site bench/out/gpu/wheels/*.whl
-      PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 python3 bench/gpu_train.py run --results $OUT/gpu_train.json
+      export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1
+      python3 bench/gpu_train.py run --results $OUT/gpu_train.json
+      python3 bench/gpu_train.py run --stages 0 --batches 128,256,512 --chunk 4096 --results $OUT/gpu_chunked.json
+  (the second line: the largest micro-batch with the cross-entropy in chunks of 4096 targets)
 On CPU (a check that the bench itself works, not a measurement):
   .venv/bin/python bench/gpu_train.py run --device cpu --model-config DIR --encoder-length 64 \\
       --decoder-length 32 --batches 2,4 --steps 2 --stages 0,3
@@ -33,6 +37,7 @@ On CPU (a check that the bench itself works, not a measurement):
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -42,16 +47,40 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 PREPARED = os.path.join(REPO, "bench", "out", "gpu")
-# What the GPU machine's image lacks (or has at another version) of what the training loop imports.
-WHEELS = ["hjson", "pydantic", "pydantic-core", "annotated-types", "typing-inspection", "typing-extensions",
-          "transformers"]
+# What the training loop imports that the GPU machine's image lacks or has at another version (it
+# has torch and numpy, older transformers and huggingface-hub, no DeepSpeed): these, accelerate for
+# ZeRO-3's partitioned build, and everything they require in turn, at the versions installed here.
+REQUIREMENTS = ["transformers", "accelerate", "deepspeed"]
+# The image's own: torch must stay its CUDA build (pulling it in would download GBs), numpy is 16 MB.
+NOT_CARRIED = {"torch", "numpy"}
+TARGET_PYTHON = {"python_version": "3.12", "python_full_version": "3.12.3", "extra": ""}
+
+
+def requirement_closure(names) -> dict:
+    """{name: installed version} of `names` and everything they require (markers evaluated for the
+    GPU machine's Python, extras left out), read from this environment's package metadata."""
+    from importlib.metadata import distribution
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    found, todo = {}, list(names)
+    while todo:
+        name = canonicalize_name(todo.pop())
+        if name in found or name in NOT_CARRIED:
+            continue
+        dist = distribution(name)
+        found[name] = dist.version
+        for line in dist.requires or []:
+            requirement = Requirement(line)
+            if requirement.marker is None or requirement.marker.evaluate(TARGET_PYTHON):
+                todo.append(requirement.name)
+    return found
 
 
 def prepare(out: str) -> None:
     """model/config.json (the 270M-270M's config, from the adapt stage's own design of the real
     source: no weights) and wheels/ under `out`."""
-    from importlib.metadata import version
-
     from jobs.adapt.stage import design, open_sources
     from orchestrator.config import load_config
 
@@ -60,18 +89,20 @@ def prepare(out: str) -> None:
     os.makedirs(os.path.join(out, "model"), exist_ok=True)
     config.save_pretrained(os.path.join(out, "model"))
     wheels = os.path.join(out, "wheels")
-    os.makedirs(wheels, exist_ok=True)
-    pins = [f"{name}=={version(name)}" for name in WHEELS]
+    shutil.rmtree(wheels, ignore_errors=True)  # two versions of one package would stop the install there
+    os.makedirs(wheels)
+    packages = requirement_closure(REQUIREMENTS)
+    deepspeed = packages.pop("deepspeed")
     pip = [sys.executable, "-m", "pip"]
-    subprocess.run(pip + ["download", "--no-deps", "--only-binary=:all:", "--python-version", "3.12",
+    subprocess.run(pip + ["download", "-q", "--no-deps", "--only-binary=:all:", "--python-version", "3.12",
                           "--implementation", "cp", "--platform", "manylinux_2_28_x86_64", "--platform",
-                          "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64", "-d", wheels] + pins,
-                   check=True)
+                          "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64", "-d", wheels]
+                   + [f"{name}=={version}" for name, version in sorted(packages.items())], check=True)
     # DeepSpeed ships no wheel: build the pure-Python one (its kernels compile on first use, and the
     # loop uses none of them), against the torch installed here.
-    subprocess.run(pip + ["wheel", "--no-deps", "--no-build-isolation", "-w", wheels,
-                          f"deepspeed=={version('deepspeed')}"], check=True)
-    print(f"prepared {out}: {sorted(os.listdir(wheels))}")
+    subprocess.run(pip + ["wheel", "-q", "--no-deps", "--no-build-isolation", "-w", wheels, f"deepspeed=={deepspeed}"],
+                   check=True)
+    print(f"prepared {out}: {len(os.listdir(wheels))} wheels")
 
 
 def random_model(config_dir: str, out: str) -> str:
@@ -211,7 +242,7 @@ def run(args) -> None:
                     break
                 fitted = size
             if fitted is None:
-                raise SystemExit("no micro-batch size fitted: see the errors above")
+                break
         else:  # the others: the largest size that fits them, from the first stage's down
             for size in reversed([s for s in sizes if s <= fitted]):
                 if timed(stage, size)["fits"]:
@@ -219,6 +250,8 @@ def run(args) -> None:
     if args.results:
         with open(args.results, "w") as f:
             json.dump(results, f, indent=1)
+    if fitted is None:
+        raise SystemExit("no micro-batch size fitted: see the errors above")
     print(f"\n{_header()}")
     for result in results:
         print(_row(result))
@@ -231,7 +264,7 @@ def _header() -> str:
 
 def _row(r: dict) -> str:
     if not r["fits"]:
-        return f"{r['stage']:>4} {r['batch']:>5}  does not fit: {r['error'][:300]}"
+        return f"{r['stage']:>4} {r['batch']:>5}  does not fit: {r['error'].splitlines()[-1][:300]}"
     return (f"{r['stage']:>4} {r['batch']:>5} {r['tokens_per_s']:>9.0f} {r['padded_tokens_per_s']:>10.0f} "
             f"{r['step_time_s']:>7.3f} {r['mfu']:>6.1%} {r['mfu_real']:>8.1%} "
             f"{r.get('peak_allocated_gib', float('nan')):>8.1f} {r.get('peak_reserved_gib', float('nan')):>8.1f}  "
