@@ -23,7 +23,7 @@ Two steps:
       writes bench/out/gpu/ (36 MB): model/config.json, and wheels/ for Python 3.12 of DeepSpeed,
       transformers, accelerate and what they require, at the versions installed here, less torch
       and numpy (see REQUIREMENTS)
-  on the GPU machine (device `run` with carry ["bench/out/gpu"]), one call of about 7 minutes:
+  on the GPU machine (device `run` with carry ["bench/out/gpu"]), one call (estimated 5-8 minutes, not yet run):
       python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site bench/out/gpu/wheels/*.whl
       export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1
       python3 bench/gpu_train.py run --results $OUT/gpu_train.json
