@@ -6,8 +6,9 @@ micro-batch 2), same AdamW, same loss function, same threads (2):
   bare DeepSpeed: one process, no Ray: the engine t5adapt builds (jobs/train/loop.build_engine) and
                   its forward / backward / step, nothing else
   t5adapt train:  Ray Train TorchTrainer, 1 worker, the same engine, its rows read from the
-                  prepared Parquet parts (jobs/train/batches.py), per-step finite-loss check, MLflow logging; s/step = wall-clock between the steps' MLflow
-                  records (so logging counts); tokens/s and MFU as the run logged them
+                  prepared Parquet parts (jobs/train/batches.py), per-step finite-loss check,
+                  MLflow logging; s/step = wall-clock between the steps' MLflow records (so
+                  logging counts); tokens/s and MFU as the run logged them
 Steady state = median step time after the first --skip steps. "vs bare" = t / bare PyTorch - 1;
 "vs DS" = t / bare DeepSpeed of the same stage - 1 (what Ray and the loop add). Each bare loop runs
 in its own process. The run's final checkpoint and export are outside the timed steps.
