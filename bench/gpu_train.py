@@ -106,15 +106,14 @@ def prepare(out: str) -> None:
 
 
 def random_model(config_dir: str, out: str) -> str:
-    """A model of the config in `config_dir` with random weights, saved to `out` (once)."""
+    """A model of the config in `config_dir` with random weights, saved to `out` (once). Built on
+    the CPU: this process never opens the GPU, so each try has all of its memory."""
     import torch
     from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
     if not os.path.isfile(os.path.join(out, "model.safetensors")):
         config = AutoConfig.from_pretrained(config_dir)
-        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-            model = AutoModelForSeq2SeqLM.from_config(config, dtype=torch.float32)
-        model.save_pretrained(out)
+        AutoModelForSeq2SeqLM.from_config(config, dtype=torch.float32).save_pretrained(out)
     return out
 
 
@@ -252,7 +251,11 @@ def run(args) -> None:
             json.dump(results, f, indent=1)
     if fitted is None:
         raise SystemExit("no micro-batch size fitted: see the errors above")
-    print(f"\n{_header()}")
+    fitting = next((r for r in results if r["fits"]), {})
+    print(f"\n{fitting.get('device_name', args.device)}, {fitting.get('device_memory_gib', float('nan')):.0f} GiB; "
+          f"{args.encoder_length} + {args.decoder_length} tokens, {args.steps} steps measured after {args.steps} "
+          f"warm-up steps; loss_chunk_tokens {args.chunk}, activation checkpointing {args.checkpointing}")
+    print(_header())
     for result in results:
         print(_row(result))
 
