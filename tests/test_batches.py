@@ -108,3 +108,23 @@ def test_data_that_does_not_match_its_metadata_is_named(tmp_path):
     _, stream = _stream(tmp_path, metadata, 0, 1, start=0, micro=32)
     with pytest.raises(UserError, match=r"does not hold examples 0\.\.31 as its metadata.json says"):
         next(stream)
+
+
+def _data_threads():
+    import threading
+
+    return [t for t in threading.enumerate() if t.name == "t5adapt-data"]
+
+
+def test_the_reading_thread_stops_when_its_stream_is_closed_or_dropped(tmp_path):
+    metadata = _prepared(tmp_path)
+    assert not _data_threads()
+    _, stream = _stream(tmp_path, metadata, 0, 1, start=0)
+    _indices(stream, 2)  # the thread now waits on a full queue (it reads ahead of what was taken)
+    assert len(_data_threads()) == 1
+    stream.close()
+    assert not _data_threads()
+    _, stream = _stream(tmp_path, metadata, 0, 1, start=0)
+    _indices(stream, 1)
+    del stream  # as when loop.train returns or fails
+    assert not _data_threads()

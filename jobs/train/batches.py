@@ -153,19 +153,37 @@ def micro_batches(reader: RankReader, start: int, per_epoch: int, micro_batch_si
 
 
 def _prefetched(source: Iterator, depth: int) -> Iterator:
-    """`source`'s items, computed by a daemon thread up to `depth` ahead; its error is raised here."""
+    """`source`'s items, computed by a thread up to `depth` ahead; its error is raised here. Closing
+    the iterator (or dropping it) stops and joins the thread, so no reader is still inside Arrow or
+    torch code when the interpreter exits."""
     items: "queue.Queue" = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def fill():
         try:
             for item in source:
-                items.put((True, item))
+                if not put((True, item)):
+                    return
         except BaseException as e:  # noqa: B902 - handed to the consumer, which raises it
-            items.put((False, e))
+            put((False, e))
 
-    threading.Thread(target=fill, daemon=True, name="t5adapt-data").start()
-    while True:
-        ok, item = items.get()
-        if not ok:
-            raise item
-        yield item
+    thread = threading.Thread(target=fill, daemon=True, name="t5adapt-data")
+    thread.start()
+    try:
+        while True:
+            ok, item = items.get()
+            if not ok:
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()

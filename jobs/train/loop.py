@@ -135,6 +135,8 @@ def train(ctx: WorkerContext, spec: RunSpec) -> dict:
         if tracker:
             tracker.finished(state)
     finally:
+        if hasattr(batches, "close"):  # a generator: stops and joins its reading thread
+            batches.close()
         if tracker:
             tracker.close()
     return dict(state)
