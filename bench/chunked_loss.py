@@ -64,13 +64,12 @@ def measure(chunk_tokens, steps: int, micro_batch: int, threads: int) -> dict:
     """{"step_s", "cpu_s": [wall-clock, CPU seconds per forward + backward], "forward_peak_bytes",
     "peak_bytes": the largest RSS during any step's forward, during any whole step} of one variant:
     token_losses when chunk_tokens is None, else chunked_token_losses(chunk_tokens)."""
-    from transformers import AutoModelForSeq2SeqLM
-
     from jobs.core.examples_io import token_losses
+    from jobs.core.pretrained import load_seq2seq
     from jobs.train.chunked_loss import chunked_token_losses
 
     torch.set_num_threads(threads)
-    model = AutoModelForSeq2SeqLM.from_pretrained(INIT_DIR, dtype=torch.float32).train()
+    model = load_seq2seq(INIT_DIR).train()
     model.config.use_cache = False
     generator = torch.Generator().manual_seed(0)
     vocab = model.config.decoder.vocab_size

@@ -37,16 +37,15 @@ DATA = ["data.encoder_length=128", "data.decoder_length=64", "data.documents_per
 def bare_loop(init_dir, data_dir, steps, threads, train_cfg=None):
     """Seconds per step of a single-process loop over the first `steps` micro-batches: plain PyTorch,
     or (train_cfg given) the DeepSpeed engine that t5adapt builds from that TrainConfig."""
-    from transformers import AutoModelForSeq2SeqLM
-
     from jobs.core.examples_io import batch_of, make_collate, read_examples
+    from jobs.core.pretrained import load_seq2seq
     from jobs.train.loop import forward_loss
     from jobs.train.schedule import param_groups
 
     torch.set_num_threads(threads)
     metadata, rows = read_examples(data_dir)
     collate = make_collate(metadata["encoder_length"], metadata["decoder_length"], metadata["pad_id"])
-    model = AutoModelForSeq2SeqLM.from_pretrained(init_dir, dtype=torch.float32).train()
+    model = load_seq2seq(init_dir).train()
     model.config.use_cache = False
     groups = param_groups(model, [], 0.01)
     if train_cfg is None:

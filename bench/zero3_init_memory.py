@@ -77,8 +77,7 @@ def rank_main(rank: int, world: int, port: int, model_dir: str, partitioned: boo
     import torch
     import torch.distributed as dist
     import transformers.models.t5gemma2.modeling_t5gemma2  # noqa: F401 - likewise
-    from transformers import AutoModelForSeq2SeqLM
-
+    from jobs.core.pretrained import load_seq2seq
     from jobs.train.config import TrainConfig
     from jobs.train.loop import build_engine, load_model
     from jobs.train.schedule import param_groups
@@ -92,7 +91,7 @@ def rank_main(rank: int, world: int, port: int, model_dir: str, partitioned: boo
     if partitioned:
         model = load_model(model_dir, cfg)
     else:  # what load_model did before: the whole fp32 model on every rank
-        model = AutoModelForSeq2SeqLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+        model = load_seq2seq(model_dir, attn_implementation="sdpa")
     loaded = anon.peak_gib
     build_engine(model, param_groups(model, [], 0.01), cfg, world)
     anon.running = False

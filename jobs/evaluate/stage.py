@@ -106,13 +106,14 @@ def evaluate(cfg: EvaluateConfig, model_dir: str, source_spec: str, data_dir: st
 def load_model(model_dir: str, source_spec: str):
     """(model, tokenizer): the encoder-decoder in float32, eval mode, and its own tokenizer (the
     source's when the directory has none)."""
-    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
+    from jobs.core.pretrained import load_seq2seq
     from jobs.core.sources import load_tokenizer
 
     local = storage.local_copy(model_dir)
     log.info("evaluate: loading %s", model_dir)
-    model = AutoModelForSeq2SeqLM.from_pretrained(local, dtype=torch.float32).eval()
+    model = load_seq2seq(local).eval()
     has_tokenizer = any(os.path.isfile(os.path.join(local, f)) for f in ("tokenizer.json", "tokenizer.model"))
     tokenizer = AutoTokenizer.from_pretrained(local) if has_tokenizer else load_tokenizer(source_spec)
     return model, tokenizer

@@ -194,13 +194,13 @@ def _is_tied_alias(config, key: str) -> bool:
 
 def _check_probe(local_ckpt: str, local_out: str) -> Optional[float]:
     """Max |logits(export) - logits(engine)| on the checkpoint's probe batch; None without a probe."""
-    from transformers import AutoModelForSeq2SeqLM
+    from jobs.core.pretrained import load_seq2seq
 
     path = os.path.join(local_ckpt, checkpoints.PROBE)
     if not os.path.exists(path):
         return None
     probe = torch.load(path, map_location="cpu")
-    model = AutoModelForSeq2SeqLM.from_pretrained(local_out, dtype=torch.float32).eval()
+    model = load_seq2seq(local_out).eval()
     with torch.no_grad():
         logits = model(**probe["inputs"]).logits.float()
     diff = float((logits - probe["logits"]).abs().max())

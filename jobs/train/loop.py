@@ -175,19 +175,18 @@ def load_model(init_dir: str, cfg: TrainConfig) -> torch.nn.Module:
     ZeRO-3 it is built partitioned (jobs/train/partitioned.py): each rank holds only its share of
     every parameter, and the parameters' tensors are placeholders until DeepSpeed gathers them.
     Needs the process group to be up under ZeRO-3."""
-    from transformers import AutoModelForSeq2SeqLM
-
     from jobs.core import storage
+    from jobs.core.pretrained import load_seq2seq
     from jobs.train.partitioned import partitioned_build
 
     local = storage.local_copy(init_dir)
     with partitioned_build(cfg):
         try:
             # torch's fused attention kernels (flash / memory-efficient on GPU) where the model allows it.
-            model = AutoModelForSeq2SeqLM.from_pretrained(local, dtype=torch.float32, attn_implementation="sdpa")
+            model = load_seq2seq(local, attn_implementation="sdpa")
         except (ValueError, NotImplementedError) as e:  # a model without an SDPA path
             log.info("attention: eager (%s)", e)
-            model = AutoModelForSeq2SeqLM.from_pretrained(local, dtype=torch.float32, attn_implementation="eager")
+            model = load_seq2seq(local, attn_implementation="eager")
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
