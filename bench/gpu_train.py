@@ -24,11 +24,14 @@ Two steps:
       transformers, accelerate and what they require, at the versions installed here, less torch
       and numpy (see REQUIREMENTS)
   on the GPU machine (device `run` with carry ["bench/out/gpu"]), one call (estimated 5-8 minutes, not yet run):
-      python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site bench/out/gpu/wheels/*.whl
-      export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1
-      python3 bench/gpu_train.py run --results $OUT/gpu_train.json
-      python3 bench/gpu_train.py run --stages 0 --batches 128,256,512 --chunk 4096 --results $OUT/gpu_chunked.json
-  (the second line: the largest micro-batch with the cross-entropy in chunks of 4096 targets)
+      set -o pipefail
+      python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site bench/out/gpu/wheels/*.whl || exit 1
+      export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 NCCL_DEBUG=WARN
+      timeout 340 python3 bench/gpu_train.py run --results $OUT/gpu_train.json 2>&1 | tee $OUT/gpu_train.log
+      timeout 200 python3 bench/gpu_train.py run --stages 0 --batches 128,256,512 --chunk 4096 \\
+          --results $OUT/gpu_chunked.json 2>&1 | tee $OUT/gpu_chunked.log
+  (the last line: the largest micro-batch with the cross-entropy in chunks of 4096 targets; only what
+  is under $OUT comes back, and the JSON files are rewritten after every try)
 On CPU (a check that the bench itself works, not a measurement):
   .venv/bin/python bench/gpu_train.py run --device cpu --model-config DIR --encoder-length 64 \\
       --decoder-length 32 --batches 2,4 --steps 2 --stages 0,3
@@ -193,7 +196,9 @@ def trial(job: dict) -> dict:
     try:
         loop.train(context, spec)
     except torch.OutOfMemoryError as e:
-        return {"fits": False, "error": str(e).splitlines()[0]}
+        return {"fits": False, "out_of_memory": True, "error": str(e).splitlines()[0]}
+    finally:
+        dist.destroy_process_group()
     metrics = reported[-1]
     result = {"fits": True, "attention": seen.get("attention"),
               **{k: metrics[k] for k in ("tokens_per_s", "examples_per_s", "step_time_s", "mfu", "mfu_real",
@@ -204,19 +209,26 @@ def trial(job: dict) -> dict:
         result["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
         result["device_name"] = torch.cuda.get_device_name(device)
         result["device_memory_gib"] = torch.cuda.get_device_properties(device).total_memory / 2**30
-    dist.destroy_process_group()
     return result
 
 
-def run_trial(job: dict) -> dict:
-    """trial(job) in a fresh process (a CUDA out-of-memory leaves nothing behind for the next try)."""
+def run_trial(job: dict, timeout_s: float) -> dict:
+    """trial(job) in a fresh process (a CUDA out-of-memory leaves nothing behind for the next try),
+    stopped after timeout_s. "out_of_memory" tells a size that does not fit from a failure that a
+    smaller size would not mend."""
     with tempfile.NamedTemporaryFile("r", suffix=".json") as result:
         started = time.perf_counter()
-        done = subprocess.run([sys.executable, os.path.abspath(__file__), "trial", json.dumps(job), result.name],
-                              capture_output=True, text=True)
+        try:
+            done = subprocess.run([sys.executable, os.path.abspath(__file__), "trial", json.dumps(job), result.name],
+                                  capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return {**job, "fits": False, "out_of_memory": False, "error": f"no result after {timeout_s:.0f} s"}
         if done.returncode:
-            tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
-            return {**job, "fits": False, "error": f"exit {done.returncode}: {tail}"}
+            output = (done.stdout + done.stderr).strip()
+            tail = "\n".join(output.splitlines()[-15:])
+            print(tail, file=sys.stderr, flush=True)
+            return {**job, "fits": False, "out_of_memory": "out of memory" in output.lower(),
+                    "error": f"exit {done.returncode}: {tail}"}
         return {**job, **json.load(open(result.name)), "wall_s": round(time.perf_counter() - started, 1)}
 
 
@@ -229,9 +241,12 @@ def run(args) -> None:
     results, fitted = [], None
 
     def timed(stage: int, size: int) -> dict:
-        result = run_trial({**base, "stage": stage, "batch": size})
+        result = run_trial({**base, "stage": stage, "batch": size}, args.try_timeout)
         results.append(result)
         print(_row(result), flush=True)
+        if args.results:  # after every try: a call cut off still returns what it measured
+            with open(args.results, "w") as f:
+                json.dump(results, f, indent=1)
         return result
 
     for stage in (int(s) for s in args.stages.split(",")):
@@ -244,17 +259,18 @@ def run(args) -> None:
                 break
         else:  # the others: the largest size that fits them, from the first stage's down
             for size in reversed([s for s in sizes if s <= fitted]):
-                if timed(stage, size)["fits"]:
+                result = timed(stage, size)
+                if result["fits"] or not result["out_of_memory"]:  # a smaller size mends only memory
                     break
-    if args.results:
-        with open(args.results, "w") as f:
-            json.dump(results, f, indent=1)
     if fitted is None:
         raise SystemExit("no micro-batch size fitted: see the errors above")
     fitting = next((r for r in results if r["fits"]), {})
     print(f"\n{fitting.get('device_name', args.device)}, {fitting.get('device_memory_gib', float('nan')):.0f} GiB; "
           f"{args.encoder_length} + {args.decoder_length} tokens, {args.steps} steps measured after {args.steps} "
           f"warm-up steps; loss_chunk_tokens {args.chunk}, activation checkpointing {args.checkpointing}")
+    if args.chunk:
+        print("(with the loss in chunks the head runs on real targets only, so the padded MFU counts "
+              "FLOPs that did not run: compare chunked tries on tokens/s and MFU real)")
     print(_header())
     for result in results:
         print(_row(result))
@@ -267,7 +283,8 @@ def _header() -> str:
 
 def _row(r: dict) -> str:
     if not r["fits"]:
-        return f"{r['stage']:>4} {r['batch']:>5}  does not fit: {r['error'].splitlines()[-1][:300]}"
+        verdict = "does not fit" if r.get("out_of_memory") else "failed"
+        return f"{r['stage']:>4} {r['batch']:>5}  {verdict}: {r['error'].splitlines()[-1][:300]}"
     return (f"{r['stage']:>4} {r['batch']:>5} {r['tokens_per_s']:>9.0f} {r['padded_tokens_per_s']:>10.0f} "
             f"{r['step_time_s']:>7.3f} {r['mfu']:>6.1%} {r['mfu_real']:>8.1%} "
             f"{r.get('peak_allocated_gib', float('nan')):>8.1f} {r.get('peak_reserved_gib', float('nan')):>8.1f}  "
@@ -291,7 +308,8 @@ def main():
     timing.add_argument("--decoder-length", type=int, default=256)
     timing.add_argument("--chunk", type=int, default=0, help="train.loss_chunk_tokens")
     timing.add_argument("--checkpointing", action="store_true", help="train.activation_checkpointing")
-    timing.add_argument("--results", help="write every try's figures to this JSON file")
+    timing.add_argument("--results", help="write every try's figures to this JSON file (after each try)")
+    timing.add_argument("--try-timeout", type=float, default=240, help="seconds before a try is stopped")
     once = commands.add_parser("trial")  # internal: one try, in its own process
     once.add_argument("job")
     once.add_argument("result")
